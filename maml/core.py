@@ -28,12 +28,17 @@ LossFn = Callable[[PyTree, Batch], jax.Array]
 def sgd_step(loss_fn: LossFn, params: PyTree, batch: Batch, *, inner_lr, first_order=False):
     """One plain SGD step ``params - inner_lr * grad(loss_fn)(params, batch)``.
 
+    ``inner_lr`` is a scalar, or a pytree shaped like ``params`` giving each
+    leaf its own rate (0 freezes a leaf in the inner loop).
+
     With ``first_order=True`` the gradient is a constant to any outer
     differentiation (first-order MAML).
     """
     grads = jax.grad(loss_fn)(params, batch)
     if first_order:
         grads = jax.lax.stop_gradient(grads)
+    if jax.tree.structure(inner_lr) == jax.tree.structure(params):
+        return jax.tree.map(lambda p, g, lr: p - lr * g, params, grads, inner_lr)
     return jax.tree.map(lambda p, g: p - inner_lr * g, params, grads)
 
 
@@ -53,8 +58,8 @@ def adapt(
       loss_fn: ``loss_fn(params, batch) -> scalar``.
       params: pytree of float arrays (any shapes).
       support: the task's support batch, passed to ``loss_fn`` unchanged.
-      inner_lr: inner learning rate (a Python float, or an array to
-        meta-learn it).
+      inner_lr: inner learning rate: a scalar, or a pytree like ``params``
+        with one rate per leaf (0 keeps a leaf out of the inner loop).
       num_inner_steps: static number of steps; 0 returns ``params``.
       first_order: treat the inner gradients as constants (FOMAML).
       remat: rematerialise each inner step in the backward pass

@@ -1,0 +1,66 @@
+"""Experiment configs (``get_config(variant)`` per task family) and their validation."""
+
+import ml_collections
+
+ALGORITHMS = ("maml", "fomaml", "imaml", "pretrain")
+
+
+class ConfigError(ValueError):
+    """A config value a run cannot use; the message is one sentence for the user."""
+
+
+def _check(config, name, ok, allowed):
+    if name not in config:
+        return
+    value = config[name]
+    if not ok(value):
+        raise ConfigError(f"config.{name}={value!r} is invalid: it must be {allowed}.")
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v):
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ``ConfigError`` naming the first field whose value is not allowed."""
+    for name in (
+        "num_steps",
+        "meta_batch_size",
+        "checkpoint_every",
+        "log_every",
+        "num_eval_tasks",
+        "num_support",
+        "num_query",
+        "eval_num_query",
+        "num_ways",
+        "num_shots",
+        "eval_batch_size",
+        "imaml_cg_steps",
+    ):
+        _check(config, name, lambda v: _is_int(v) and v > 0, "a positive integer")
+    for name in ("num_inner_steps", "eval_inner_steps", "eval_every", "seed"):
+        _check(config, name, lambda v: _is_int(v) and v >= 0, "a non-negative integer")
+    for name in ("inner_lr", "outer_lr", "eval_inner_lr", "imaml_lambda"):
+        _check(config, name, lambda v: _is_number(v) and v > 0, "a positive number")
+    _check(config, "algorithm", lambda v: v in ALGORITHMS, f"one of {', '.join(ALGORITHMS)}")
+    _check(config, "first_order", lambda v: isinstance(v, bool), "True or False")
+    _check(
+        config,
+        "eval_shots",
+        lambda v: len(v) > 0 and all(_is_int(k) and k > 0 for k in v),
+        "a non-empty tuple of positive integers",
+    )
+    _check(config, "rotate", lambda v: v in ("none", "per_class", "new_classes"),
+           "one of none, per_class, new_classes")
+    _check(config, "split_protocol", lambda v: v in ("finn", "background"),
+           "one of finn, background")
+    for name, every in (("checkpoint_every", "log_every"), ("eval_every", "log_every")):
+        if name in config and every in config and config[name] % config[every]:
+            raise ConfigError(
+                f"config.{name}={config[name]!r} is invalid: it must be a multiple of "
+                f"config.{every}={config[every]!r}."
+            )

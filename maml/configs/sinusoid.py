@@ -1,0 +1,62 @@
+"""Few-shot sinusoid regression with Finn et al.'s (2017) settings.
+
+Variants (``--config=maml/configs/sinusoid.py:VARIANT``): ``k5`` trains at
+K = 5, ``k20`` at K = 20, ``pretrain`` is Finn's multi-task baseline (no inner
+loop at training time), ``fomaml`` first-order MAML, ``tiny`` a seconds-long
+run for tests.
+"""
+
+import ml_collections
+
+
+def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.task = "sinusoid"
+    c.model = "mlp"
+    c.hidden_sizes = (40, 40)
+    c.algorithm = "maml"
+    c.num_steps = 70_000
+    c.meta_batch_size = 25
+    c.num_support = 10
+    c.num_query = 10
+    c.inner_lr = 0.01
+    c.num_inner_steps = 1
+    c.first_order = False
+    c.remat = False
+    c.outer_lr = 1e-3
+    c.imaml_lambda = 1.0
+    c.imaml_cg_steps = 5
+    c.seed = 0
+    # Meta-steps per device call; metrics are averaged over each call.
+    c.log_every = 1_000
+    c.checkpoint_every = 10_000
+    c.eval_every = 0
+    c.num_val_tasks = 100
+    # Evaluation (scripts/evaluate.py): fresh tasks, K support points each.
+    c.num_eval_tasks = 600
+    c.eval_shots = (5, 10, 20)
+    c.eval_inner_steps = 10
+    c.eval_inner_lr = 0.01
+    c.eval_num_query = 100
+    c.eval_batch_size = 600
+
+    if variant in (None, ""):
+        pass
+    elif variant in ("k5", "k20"):
+        c.num_support = c.num_query = int(variant[1:])
+    elif variant == "pretrain":
+        c.algorithm = "pretrain"
+    elif variant == "fomaml":
+        c.algorithm = "fomaml"
+    elif variant == "tiny":
+        c.num_steps = 200
+        c.meta_batch_size = 4
+        c.log_every = 50
+        c.checkpoint_every = 100
+        c.num_eval_tasks = 20
+        c.eval_shots = (5,)
+        c.eval_inner_steps = 2
+        c.eval_num_query = 10
+    else:
+        raise ValueError(f"unknown sinusoid config variant {variant!r}")
+    return c

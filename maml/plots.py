@@ -1,0 +1,74 @@
+"""Figures: training curves, Finn et al.'s Figure 2 (sinusoid adaptation) and
+Figure 3 (metric against inner steps)."""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from maml import core  # noqa: E402
+
+
+def training_curves(records: list[dict], path: Path) -> None:
+    """One panel per logged metric against the meta-step."""
+    keys = [k for k in (records[0] if records else {}) if k not in ("step", "wall_s")]
+    if not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    steps = [r["step"] for r in records]
+    for ax, key in zip(axes[0], keys, strict=True):
+        ax.plot(steps, [r.get(key, float("nan")) for r in records])
+        ax.set_xlabel("meta-step")
+        ax.set_title(key)
+        if key in ("loss", "mse", "grad_norm"):
+            ax.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def sinusoid_adaptation(exp, params, key, path: Path, *, steps=(1, 10)) -> None:
+    """Finn et al.'s Figure 2: ground truth, the K support points, and the
+    prediction before adaptation and after 1 and 10 inner steps, on one task."""
+    task = exp.task
+    episode = task.sample(key, 1)
+    support = jax.tree.map(lambda a: a[0], episode["support"])
+    x = jnp.linspace(*task.input_range, 200)[:, None]
+    truth = task.ground_truth(episode["amplitude"], episode["phase"], x[None])[0]
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.plot(x, truth, color="tab:red", lw=2, label="ground truth")
+    ax.plot(x, exp.apply_fn(params, x), ":", color="tab:green", label="pre-update")
+    p, done = params, 0
+    for n, style in zip(steps, ("--", "-"), strict=False):
+        p = core.adapt(exp.loss_fn, p, support, inner_lr=exp.config.inner_lr,
+                       num_inner_steps=n - done)
+        done = n
+        ax.plot(x, exp.apply_fn(p, x), style, color="tab:blue" if n == 1 else "tab:cyan",
+                label=f"{n} grad step{'s' if n > 1 else ''}")
+    ax.scatter(support[0][:, 0], support[1][:, 0], marker="^", color="purple", zorder=3,
+               label=f"{support[0].shape[0]} points used for grad")
+    ax.set_title(f"MAML, K={support[0].shape[0]}")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def adaptation_curves(evaluation: dict, path: Path) -> None:
+    """Finn et al.'s Figure 3: the metric (mean, 95% CI) against inner steps, one line per K."""
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for shots, r in evaluation["results"].items():
+        mean, ci = jnp.asarray(r["mean"]), jnp.asarray(r["ci95"])
+        ax.errorbar(r["inner_steps"], mean, yerr=ci, capsize=2, marker="o", ms=3,
+                    label=f"K={shots}")
+    ax.set_xlabel("inner gradient steps")
+    ax.set_ylabel(evaluation["metric"])
+    ax.set_title(f"{evaluation['num_tasks']} test tasks, 95% CI")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,619 @@
+"""Few-shot Omniglot classification (Lake et al. 2015; Finn et al. 2017, section 5.2).
+
+This module owns everything between the prepared TFDS ``omniglot`` dataset and
+an episode on the device:
+
+* reading the raw 105x105 images through TFDS's random-access
+  ``tfds.data_source`` (no TensorFlow; ``tensorflow_datasets`` is imported only
+  when the raw data is read, so a machine with a warm cache does not need it),
+* preprocessing them once to 28x28 uint8 images with ink = 255, background = 0,
+  cached in ``<cache_dir>/omniglot-<version>-<size>.npz``,
+* the meta-train / validation / meta-test character splits (``load_splits``),
+* the ``Omniglot`` task family, which samples N-way K-shot episodes entirely
+  in ``jax.random`` (jittable, no host transfer),
+* Lake et al.'s 20 within-alphabet one-shot runs (``load_one_shot_runs``),
+  preprocessed exactly like the dataset.
+
+Pixel convention: the source PNGs are 1-bit. Decoded without TensorFlow they
+come out as {0, 1} with 1 = white background; other decoders give {0, 255}.
+``preprocess_images`` thresholds each image at half its maximum (ink = pixel <
+max / 2), so both decode to the same result, before the antialiased resize.
+"""
+
+import dataclasses
+import io
+import os
+import re
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from PIL import Image
+
+DATASET_NAME = "omniglot"
+DATASET_VERSION = "3.0.0"
+SOURCE_IMAGE_SIZE = 105
+IMAGE_SIZE = 28
+NUM_CHARACTERS = 1623
+NUM_BACKGROUND_CHARACTERS = 964  # TFDS `train` (Lake's "background"); `test` is the rest.
+NUM_DRAWINGS = 20  # every character has exactly one drawing by each of 20 people
+SPLIT_PROTOCOLS = ("finn", "background")
+ROTATIONS = ("none", "per_class", "new_classes")
+SPLIT_NAMES = ("train", "validation", "test")
+_SPLIT_ALIASES = {"val": "validation", "valid": "validation", "meta_train": "train"}
+# Finn et al.'s character counts (cbfinn/maml data_generator.py): 1100 / 100 / 423.
+FINN_NUM_TRAIN = 1100
+FINN_NUM_VALIDATION = 100
+_CACHE_FORMAT = 1
+_DECODE_BATCH = 1000
+
+
+class DatasetNotFoundError(ValueError):
+    """The Omniglot data is missing or incomplete and there is no usable cache."""
+
+
+class OmniglotSplit(NamedTuple):
+    """One character split.
+
+    Attributes:
+      images: ``(num_classes, 20, size, size)`` uint8, ink 255, background 0.
+      character_ids: ``(num_classes,)`` int32, the TFDS ``label`` (0..1622).
+      alphabet_ids: ``(num_classes,)`` int32, the TFDS ``alphabet`` (0..49).
+    """
+
+    images: np.ndarray
+    character_ids: np.ndarray
+    alphabet_ids: np.ndarray
+
+
+# --------------------------------------------------------------------------------------
+# Preprocessing.
+
+
+def _lanczos_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """PIL's separable LANCZOS downsampling as an ``(out_size, in_size)`` matrix.
+
+    Resizing is linear in float ("F") images, so resizing each basis vector with
+    PIL gives the exact kernel; applying it as two matrix products resizes a
+    whole batch at once instead of one PIL call per image.
+    """
+    columns = []
+    for j in range(in_size):
+        basis = np.zeros((1, in_size), np.float32)
+        basis[0, j] = 1.0
+        resized = Image.fromarray(basis, mode="F").resize((out_size, 1), Image.LANCZOS)
+        columns.append(np.asarray(resized, np.float32)[0])
+    return np.stack(columns, axis=1)
+
+
+def preprocess_images(images: np.ndarray, *, image_size: int = IMAGE_SIZE) -> np.ndarray:
+    """Binarises and downsamples raw Omniglot images.
+
+    Args:
+      images: ``(B, H, W)`` or ``(B, H, W, C)`` integer or bool images with a
+        light background and dark ink, in {0, 1} or {0, 255} (any max works:
+        ink = pixel < max / 2 per image). With channels, the first is used.
+      image_size: output side length.
+
+    Returns:
+      ``(B, image_size, image_size)`` uint8, ink 255 and background 0, resized
+      with PIL's antialiasing LANCZOS filter (clipped to [0, 255]).
+    """
+    images = np.asarray(images)
+    if images.ndim == 4:
+        images = images[..., 0]
+    if images.ndim != 3 or images.shape[1] != images.shape[2]:
+        raise ValueError(f"expected (B, H, H) or (B, H, H, C) images, got shape {images.shape}")
+    images = images.astype(np.int32)
+    image_max = np.maximum(images.max(axis=(1, 2), keepdims=True), 1)
+    ink = (2 * images < image_max).astype(np.float32)
+    matrix = _lanczos_matrix(images.shape[1], image_size)
+    resized = np.einsum("oh,bhw,pw->bop", matrix, ink, matrix, optimize=True)
+    return np.clip(np.rint(resized * 255.0), 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------
+# Raw data and the cache.
+
+
+def default_cache_dir() -> Path:
+    """``$MAML_CACHE_DIR`` if set, else ``~/.cache/maml``."""
+    return Path(os.environ.get("MAML_CACHE_DIR") or Path.home() / ".cache" / "maml")
+
+
+def cache_path(cache_dir: str | os.PathLike | None = None, *, image_size: int = IMAGE_SIZE) -> Path:
+    """Where the preprocessed images live: ``<cache_dir>/omniglot-3.0.0-<size>.npz``."""
+    directory = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    return directory / f"{DATASET_NAME}-{DATASET_VERSION}-{image_size}.npz"
+
+
+def _how_to_provide() -> str:
+    return (
+        "provide the prepared TFDS data by setting --config.data_dir or TFDS_DATA_DIR, "
+        "or set --config.download=True to download it (preparing needs TensorFlow once)"
+    )
+
+
+def _read_raw(data_dir: str | None, download: bool, image_size: int) -> dict[str, np.ndarray]:
+    """Reads and preprocesses every image of TFDS ``omniglot`` (train and test splits)."""
+    try:
+        import tensorflow_datasets as tfds  # lazy: only needed without a cache
+    except ImportError as e:
+        raise DatasetNotFoundError(
+            f"No Omniglot cache and tensorflow-datasets is not installed ({e}); install it, "
+            f"or copy a cache file made elsewhere, then {_how_to_provide()}."
+        ) from None
+
+    data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or tfds.core.constants.DATA_DIR
+    data_dir = os.path.expanduser(os.fspath(data_dir))
+    dataset_dir = Path(data_dir) / DATASET_NAME / DATASET_VERSION
+    missing = f"Omniglot {DATASET_VERSION} not found in {dataset_dir}: {_how_to_provide()}."
+    if not download:
+        # tfds reports a missing directory as "TFRECORD format not supported"; check first.
+        shards = {
+            s: list(dataset_dir.glob(f"{DATASET_NAME}-{s}.array_record-*"))
+            for s in ("train", "test")
+        }
+        if not (dataset_dir / "dataset_info.json").is_file() or not all(shards.values()):
+            raise DatasetNotFoundError(missing)
+
+    try:
+        sources = tfds.data_source(
+            f"{DATASET_NAME}:{DATASET_VERSION}", data_dir=data_dir, download=download
+        )
+        images, labels, alphabets = [], [], []
+        for split in ("train", "test"):
+            source = sources[split]
+            for start in range(0, len(source), _DECODE_BATCH):
+                batch = source.__getitems__(
+                    list(range(start, min(start + _DECODE_BATCH, len(source))))
+                )
+                images.append(
+                    preprocess_images(np.stack([e["image"] for e in batch]), image_size=image_size)
+                )
+                labels.extend(int(e["label"]) for e in batch)
+                alphabets.extend(int(e["alphabet"]) for e in batch)
+    except (OSError, RuntimeError, KeyError) as e:
+        if download:
+            raise
+        raise DatasetNotFoundError(
+            f"Omniglot {DATASET_VERSION} in {dataset_dir} is incomplete or unreadable "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): {_how_to_provide()}."
+        ) from e
+    return _group_by_character(
+        np.concatenate(images), np.asarray(labels), np.asarray(alphabets), dataset_dir
+    )
+
+
+def _group_by_character(images, labels, alphabets, dataset_dir) -> dict[str, np.ndarray]:
+    counts = np.bincount(labels, minlength=NUM_CHARACTERS)
+    if len(counts) != NUM_CHARACTERS or np.any(counts != NUM_DRAWINGS):
+        raise DatasetNotFoundError(
+            f"Omniglot in {dataset_dir} is incomplete: expected {NUM_DRAWINGS} drawings for each "
+            f"of {NUM_CHARACTERS} characters, got {len(labels)} images: {_how_to_provide()}."
+        )
+    order = np.argsort(labels, kind="stable")  # stable: drawings keep their source order
+    size = images.shape[-1]
+    alphabet_ids = alphabets[order].reshape(NUM_CHARACTERS, NUM_DRAWINGS)[:, 0]
+    return {
+        "images": images[order].reshape(NUM_CHARACTERS, NUM_DRAWINGS, size, size),
+        "alphabet_ids": alphabet_ids.astype(np.int32),
+    }
+
+
+def load_images(
+    *,
+    data_dir: str | os.PathLike | None = None,
+    download: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+    image_size: int = IMAGE_SIZE,
+) -> dict[str, np.ndarray]:
+    """All 1623 characters, preprocessed, from the cache or else from TFDS.
+
+    The first call reads TFDS ``omniglot`` from ``data_dir`` (else
+    ``$TFDS_DATA_DIR``, else TFDS's default), preprocesses it (several
+    seconds) and writes ``cache_path(cache_dir, image_size=...)``; later calls
+    only load that file. The cache is keyed by dataset version and image size,
+    not by ``data_dir``.
+
+    Returns:
+      ``{"images": (1623, 20, size, size) uint8, "alphabet_ids": (1623,) int32}``;
+      row ``c`` is character (TFDS ``label``) ``c``; characters below 964 are
+      TFDS ``train`` (Lake's background set), the rest TFDS ``test``.
+
+    Raises:
+      DatasetNotFoundError: no cache and the dataset is missing or incomplete.
+    """
+    path = cache_path(cache_dir, image_size=image_size)
+    cached = _load_cache(path, image_size)
+    if cached is not None:
+        return cached
+    data = _read_raw(None if data_dir is None else os.fspath(data_dir), download, image_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz"
+        np.savez(f, format=np.int64(_CACHE_FORMAT), **data)
+    os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+    return data
+
+
+def _load_cache(path: Path, image_size: int) -> dict[str, np.ndarray] | None:
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as f:
+            data = {"images": f["images"], "alphabet_ids": f["alphabet_ids"]}
+            cache_format = int(f["format"])
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None  # unreadable or from another version of this code: rebuild it
+    expected = (NUM_CHARACTERS, NUM_DRAWINGS, image_size, image_size)
+    if cache_format != _CACHE_FORMAT or data["images"].shape != expected:
+        return None
+    return data
+
+
+# --------------------------------------------------------------------------------------
+# Splits.
+
+
+def split_character_ids(
+    *,
+    protocol: str = "finn",
+    split_seed: int = 1,
+    num_validation_classes: int = FINN_NUM_VALIDATION,
+) -> dict[str, np.ndarray]:
+    """Character ids (TFDS labels, sorted) of each split; needs no data.
+
+    ``"finn"`` (cbfinn/maml): the 1623 characters permuted by
+    ``np.random.default_rng(split_seed)``; the first 1100 are meta-train, the
+    next 100 validation and the last 423 meta-test. (Finn shuffled folder names
+    with Python's ``random.seed(1)``; the sizes match, the exact characters do
+    not.)
+
+    ``"background"`` (Lake et al.): TFDS ``test`` (the 659 evaluation
+    characters, 20 alphabets) is meta-test; of TFDS ``train`` (964 background
+    characters, 30 alphabets), the last ``num_validation_classes`` after a
+    ``default_rng(split_seed)`` permutation are validation and the rest
+    meta-train.
+
+    Returns:
+      ``{"train": ids, "validation": ids, "test": ids}``, int32 arrays.
+    """
+    rng = np.random.default_rng(split_seed)
+    if protocol == "finn":
+        perm = rng.permutation(NUM_CHARACTERS)
+        end_val = FINN_NUM_TRAIN + FINN_NUM_VALIDATION
+        parts = (perm[:FINN_NUM_TRAIN], perm[FINN_NUM_TRAIN:end_val], perm[end_val:])
+    elif protocol == "background":
+        if not 0 < num_validation_classes < NUM_BACKGROUND_CHARACTERS:
+            raise ValueError(
+                f"num_validation_classes must be in 1..{NUM_BACKGROUND_CHARACTERS - 1}, "
+                f"got {num_validation_classes}"
+            )
+        perm = rng.permutation(NUM_BACKGROUND_CHARACTERS)
+        num_train = NUM_BACKGROUND_CHARACTERS - num_validation_classes
+        test = np.arange(NUM_BACKGROUND_CHARACTERS, NUM_CHARACTERS)
+        parts = (perm[:num_train], perm[num_train:], test)
+    else:
+        raise ValueError(f"split_protocol must be one of {SPLIT_PROTOCOLS}, got {protocol!r}")
+    return {name: np.sort(ids).astype(np.int32) for name, ids in zip(SPLIT_NAMES, parts)}
+
+
+def load_splits(
+    *,
+    data_dir: str | os.PathLike | None = None,
+    download: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+    protocol: str = "finn",
+    split_seed: int = 1,
+    num_validation_classes: int = FINN_NUM_VALIDATION,
+    image_size: int = IMAGE_SIZE,
+) -> dict[str, OmniglotSplit]:
+    """The meta-train, validation and meta-test character splits.
+
+    See ``load_images`` for ``data_dir``, ``download``, ``cache_dir`` and
+    ``split_character_ids`` for ``protocol``, ``split_seed`` and
+    ``num_validation_classes``.
+
+    Returns:
+      ``{"train" | "validation" | "test": OmniglotSplit}``; each split's images
+      are ``(num_classes, 20, size, size)`` uint8 (ink 255, background 0).
+    """
+    ids = split_character_ids(
+        protocol=protocol, split_seed=split_seed, num_validation_classes=num_validation_classes
+    )
+    data = load_images(
+        data_dir=data_dir, download=download, cache_dir=cache_dir, image_size=image_size
+    )
+    return {
+        name: OmniglotSplit(data["images"][c], c, data["alphabet_ids"][c])
+        for name, c in ids.items()
+    }
+
+
+# --------------------------------------------------------------------------------------
+# The task family.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: hashable by identity, for jit closures
+class Omniglot:
+    """N-way K-shot Omniglot classification episodes, sampled on the device.
+
+    Attributes:
+      images: ``(C, D, size, size)`` uint8 (ink 255), C characters with D
+        drawings each; stored as a device array.
+      num_ways: N, classes per task.
+      num_shots: K, support drawings per class.
+      num_query: Q, query drawings per class (disjoint from the support ones).
+      rotate: ``"none"``; ``"per_class"`` (Finn et al.: each class of a task
+        is rotated by a random multiple of 90 degrees, all its drawings alike);
+        or ``"new_classes"`` (the C characters become 4C classes, character
+        ``c % C`` rotated by ``c // C`` quarter turns).
+
+    A rotation by ``r`` is ``np.rot90(image, r)``: ``r`` quarter turns
+    counter-clockwise.
+    """
+
+    images: jax.Array
+    num_ways: int = 5
+    num_shots: int = 1
+    num_query: int = 15
+    rotate: str = "per_class"
+
+    metric = "accuracy"
+
+    def __post_init__(self):
+        images = jnp.asarray(self.images)
+        object.__setattr__(self, "images", images)
+        if images.ndim != 4 or images.shape[2] != images.shape[3]:
+            raise ValueError(f"images must be (classes, drawings, H, H), got {images.shape}")
+        if self.rotate not in ROTATIONS:
+            raise ValueError(f"rotate must be one of {ROTATIONS}, got {self.rotate!r}")
+        if not 1 <= self.num_ways <= self.num_classes:
+            raise ValueError(
+                f"num_ways must be in 1..{self.num_classes} (classes available with "
+                f"rotate={self.rotate!r}), got {self.num_ways}"
+            )
+        if self.num_shots < 1 or self.num_query < 1:
+            raise ValueError(
+                f"num_shots and num_query must be >= 1, got {self.num_shots} and {self.num_query}"
+            )
+        if self.num_shots + self.num_query > images.shape[1]:
+            raise ValueError(
+                f"num_shots + num_query must be <= {images.shape[1]} drawings per class, "
+                f"got {self.num_shots} + {self.num_query}"
+            )
+
+    @property
+    def num_classes(self) -> int:
+        """Classes to draw from: C, or 4C with ``rotate="new_classes"``."""
+        factor = 4 if self.rotate == "new_classes" else 1
+        return factor * self.images.shape[0]
+
+    def sample_indices(self, key: jax.Array, num_tasks: int) -> dict[str, jax.Array]:
+        """Which drawings make up each task; ``sample`` renders exactly these.
+
+        Returns:
+          ``classes``: ``(T, N)`` distinct class ids in ``[0, num_classes)``;
+          ``characters``: ``(T, N)`` rows of ``images``;
+          ``rotations``: ``(T, N)`` quarter turns in 0..3;
+          ``drawings``: ``(T, N, K + Q)`` distinct drawing ids per class, the
+          first K for the support set, the rest for the query set;
+          ``labels``: ``(T, N)`` a permutation of ``0..N-1``, the label of
+          each class.
+        """
+        num_characters, num_drawings = self.images.shape[:2]
+        num_per_class = self.num_shots + self.num_query
+
+        def one_task(task_key):
+            k_class, k_draw, k_label, k_rot = jax.random.split(task_key, 4)
+            classes = jax.random.choice(k_class, self.num_classes, (self.num_ways,), replace=False)
+            draw_keys = jax.random.split(k_draw, self.num_ways)
+            drawings = jax.vmap(
+                lambda k: jax.random.choice(k, num_drawings, (num_per_class,), replace=False)
+            )(draw_keys)
+            labels = jax.random.permutation(k_label, self.num_ways)
+            if self.rotate == "per_class":
+                rotations = jax.random.randint(k_rot, (self.num_ways,), 0, 4)
+            elif self.rotate == "new_classes":
+                rotations = classes // num_characters
+            else:
+                rotations = jnp.zeros((self.num_ways,), classes.dtype)
+            return {
+                "classes": classes.astype(jnp.int32),
+                "characters": (classes % num_characters).astype(jnp.int32),
+                "rotations": rotations.astype(jnp.int32),
+                "drawings": drawings.astype(jnp.int32),
+                "labels": labels.astype(jnp.int32),
+            }
+
+        return jax.vmap(one_task)(jax.random.split(key, num_tasks))
+
+    def sample(self, key: jax.Array, num_tasks: int) -> dict:
+        """Samples a meta-batch of tasks.
+
+        Returns:
+          ``{"support": (x, y), "query": (x, y)}`` with support ``x``
+          ``(num_tasks, N*K, size, size, 1)`` float32 in [0, 1] (ink 1,
+          background 0) and ``y`` ``(num_tasks, N*K)`` int32; query likewise
+          with ``N*Q``. Examples are grouped by class (all K drawings of the
+          first sampled class, then the next); labels are a random permutation
+          of the classes, so position says nothing about the label.
+        """
+        idx = self.sample_indices(key, num_tasks)
+        # (T, N, K+Q, H, W): gather on the device.
+        x = self.images[idx["characters"][:, :, None], idx["drawings"]]
+        rotated = jnp.stack([jnp.rot90(x, r, axes=(-2, -1)) for r in range(4)])
+        x = jnp.take_along_axis(rotated, idx["rotations"][None, :, :, None, None, None], axis=0)[0]
+        x = x.astype(jnp.float32)[..., None] / 255.0
+        size = x.shape[-2]
+
+        def flatten(part, num):
+            xs = part.reshape(num_tasks, self.num_ways * num, size, size, 1)
+            ys = jnp.repeat(idx["labels"], num, axis=1)
+            return xs, ys
+
+        return {
+            "support": flatten(x[:, :, : self.num_shots], self.num_shots),
+            "query": flatten(x[:, :, self.num_shots :], self.num_query),
+        }
+
+    @staticmethod
+    def loss(predictions: jax.Array, targets: jax.Array) -> jax.Array:
+        """Mean softmax cross-entropy; ``predictions`` ``(..., N)`` logits, ``targets`` ``(...)``."""
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(predictions, targets))
+
+    @staticmethod
+    def metrics(predictions: jax.Array, targets: jax.Array) -> dict:
+        return {"accuracy": jnp.mean(jnp.argmax(predictions, axis=-1) == targets)}
+
+
+# --------------------------------------------------------------------------------------
+# Config.
+
+
+def _get(config: Any, name: str, default: Any) -> Any:
+    value = config.get(name, default) if hasattr(config, "get") else getattr(config, name, default)
+    return default if value is None else value
+
+
+def validate_config(config: Mapping | Any) -> None:
+    """Checks the Omniglot fields of ``config`` before any data is read.
+
+    Raises:
+      ValueError: one sentence naming the field, its value and what is allowed.
+    """
+    protocol = _get(config, "split_protocol", "finn")
+    if protocol not in SPLIT_PROTOCOLS:
+        raise ValueError(
+            f"config.split_protocol must be one of {SPLIT_PROTOCOLS}, got {protocol!r}"
+        )
+    rotate = _get(config, "rotate", "per_class")
+    if rotate not in ROTATIONS:
+        raise ValueError(f"config.rotate must be one of {ROTATIONS}, got {rotate!r}")
+    for name, default in (("num_ways", 5), ("num_shots", 1), ("num_query", 15)):
+        value = _get(config, name, default)
+        if not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"config.{name} must be a positive integer, got {value!r}")
+    total = _get(config, "num_shots", 1) + _get(config, "num_query", 15)
+    if total > NUM_DRAWINGS:
+        raise ValueError(
+            f"config.num_shots + config.num_query must be <= {NUM_DRAWINGS} (drawings per "
+            f"character), got {total}"
+        )
+
+
+def from_config(config: Mapping | Any, split: str) -> Omniglot:
+    """Builds the ``Omniglot`` task family of one split from a config.
+
+    Reads ``data_dir``, ``download``, ``cache_dir`` (None or empty: the
+    defaults), ``split_protocol`` ("finn"), ``split_seed`` (1),
+    ``num_validation_classes`` (100, "background" only), ``num_ways`` (5),
+    ``num_shots`` (1), ``num_query`` (15) and ``rotate`` ("per_class"),
+    each falling back to the default in brackets when missing.
+
+    Args:
+      config: an ``ml_collections.ConfigDict`` or a mapping.
+      split: ``"train"``, ``"validation"`` (or ``"val"``) or ``"test"``.
+    """
+    name = _SPLIT_ALIASES.get(split, split)
+    if name not in SPLIT_NAMES:
+        raise ValueError(f"split must be one of {SPLIT_NAMES}, got {split!r}")
+    validate_config(config)
+    splits = load_splits(
+        data_dir=_get(config, "data_dir", None) or None,
+        download=bool(_get(config, "download", False)),
+        cache_dir=_get(config, "cache_dir", None) or None,
+        protocol=_get(config, "split_protocol", "finn"),
+        split_seed=int(_get(config, "split_seed", 1)),
+        num_validation_classes=int(_get(config, "num_validation_classes", FINN_NUM_VALIDATION)),
+    )
+    return Omniglot(
+        images=jnp.asarray(splits[name].images),
+        num_ways=int(_get(config, "num_ways", 5)),
+        num_shots=int(_get(config, "num_shots", 1)),
+        num_query=int(_get(config, "num_query", 15)),
+        rotate=_get(config, "rotate", "per_class"),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Lake et al.'s 20 one-shot runs.
+
+
+def load_one_shot_runs(
+    path: str | os.PathLike, *, image_size: int = IMAGE_SIZE
+) -> list[dict[str, np.ndarray]]:
+    """Lake et al.'s 20 within-alphabet 20-way one-shot runs.
+
+    Args:
+      path: ``all_runs.zip``, or the folder it unpacks to (``run01/`` ...).
+      image_size: output side length, as for the dataset.
+
+    Returns:
+      One dict per run, in order: ``name`` ("run01"), ``support``
+      ``(20, size, size, 1)`` float32 in [0, 1] (ink 1; ``training/classXX``,
+      in file order), ``support_labels`` ``(20,)`` int32 (0..19),
+      ``query`` ``(20, size, size, 1)`` (``test/itemXX``, in file order) and
+      ``query_labels`` ``(20,)`` int32, each the support label of its class.
+      Images are preprocessed by ``preprocess_images``, like the dataset.
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = {p.relative_to(path).as_posix(): p for p in path.rglob("*") if p.is_file()}
+
+        def read(name):
+            return files[name].read_bytes()
+
+        names = list(files)
+        archive = None
+    else:
+        archive = zipfile.ZipFile(path)
+        names = archive.namelist()
+        read = archive.read
+    try:
+        runs = sorted(
+            {m.group(1) for n in names if (m := re.match(r"(run\d+)/class_labels.txt$", n))}
+        )
+        if not runs:
+            raise FileNotFoundError(f"no runXX/class_labels.txt in {path}")
+        result = []
+        for run in runs:
+            pairs = [line.split() for line in read(f"{run}/class_labels.txt").decode().splitlines()]
+            pairs = sorted(p for p in pairs if p)
+            classes = sorted(n for n in names if re.match(rf"{run}/training/class\d+\.png$", n))
+            class_index = {name: i for i, name in enumerate(classes)}
+            query_names = [test for test, _ in pairs]
+            query_labels = [class_index[train] for _, train in pairs]
+
+            def load(file_names):
+                raw = np.stack([_decode_png(read(n)) for n in file_names])
+                x = preprocess_images(raw, image_size=image_size)
+                return x.astype(np.float32)[..., None] / 255.0
+
+            result.append(
+                {
+                    "name": run,
+                    "support": load(classes),
+                    "support_labels": np.arange(len(classes), dtype=np.int32),
+                    "query": load(query_names),
+                    "query_labels": np.asarray(query_labels, np.int32),
+                }
+            )
+        return result
+    finally:
+        if archive is not None:
+            archive.close()
+
+
+def _decode_png(data: bytes) -> np.ndarray:
+    """A PNG as a 2-D uint8 array; 1-bit PNGs come out in {0, 1} (1 = white)."""
+    with Image.open(io.BytesIO(data)) as image:
+        if image.mode not in ("1", "L"):
+            image = image.convert("L")
+        return np.asarray(image, dtype=np.uint8)

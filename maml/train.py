@@ -1,0 +1,372 @@
+"""Meta-training: the train state, the jitted outer step, and the training loop.
+
+``train_and_evaluate(config, workdir)`` is what ``scripts/train.py`` calls.
+The hot loop stays on the device: each host call runs ``config.log_every``
+meta-steps in one ``lax.scan`` (episodes sampled inside it with
+``jax.random.fold_in(key, step)``), donates the old state, and hands back the
+per-step metrics, which the host averages, logs and writes to
+``workdir/metrics.jsonl``. Checkpoints (orbax) land in
+``workdir/checkpoints``; running the same command again resumes from the
+latest one and ends bit for bit where an uninterrupted run ends.
+"""
+
+import dataclasses
+import functools
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from tqdm import tqdm
+
+from maml import core
+from maml.models import MLP, functional
+from maml.tasks.sinusoid import Sinusoid
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a meta-training run carries from one step to the next."""
+
+    params: PyTree
+    opt_state: optax.OptState
+    step: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """A config made concrete: the model as ``(apply_fn, params)``, tasks, optimizer."""
+
+    config: ml_collections.ConfigDict
+    apply_fn: Callable
+    init_params: PyTree
+    task: Any
+    optimizer: optax.GradientTransformation
+
+    def loss_fn(self, params: PyTree, batch) -> jax.Array:
+        """``loss_fn(params, (x, y)) -> scalar``, the loss MAML adapts with."""
+        x, y = batch
+        return self.task.loss(self.apply_fn(params, x), y)
+
+    @property
+    def inner_lr(self) -> float | PyTree:
+        """The inner learning rate, per leaf where some leaves are not adapted."""
+        c = self.config
+        if c.get("adapt_norm", True):
+            return c.inner_lr
+        # Finn's Omniglot code left BatchNorm scale and offset out of the inner loop.
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: 0.0 if _is_norm_param(path) else c.inner_lr, self.init_params
+        )
+
+
+def _is_norm_param(path) -> bool:
+    return any("norm" in str(getattr(k, "key", "")).lower() for k in path)
+
+
+def build_model(config: ml_collections.ConfigDict, seed: int) -> tuple[Callable, PyTree]:
+    """Builds ``config.model`` and returns it as ``(apply_fn, params)``."""
+    rngs = nnx.Rngs(seed)
+    if config.model == "mlp":
+        model = MLP((1, *config.hidden_sizes, 1), rngs=rngs)
+    elif config.model == "convnet":
+        from maml.models import ConvNet
+
+        model = ConvNet(config.num_ways, rngs=rngs, conv_impl=config.get("conv_impl", "patches"))
+    else:
+        raise ValueError(f"unknown model {config.model!r}")
+    return functional(model)
+
+
+def build_task(config: ml_collections.ConfigDict, split: str):
+    """The task family of ``config.task`` for ``split`` ("train", "validation", "test")."""
+    if config.task == "sinusoid":
+        return Sinusoid(num_support=config.num_support, num_query=config.num_query)
+    if config.task == "omniglot":
+        from maml.tasks import omniglot
+
+        return omniglot.from_config(config, split)
+    raise ValueError(f"unknown task {config.task!r}")
+
+
+def build_experiment(config: ml_collections.ConfigDict, split: str = "train") -> Experiment:
+    apply_fn, params = build_model(config, config.seed)
+    return Experiment(
+        config=config,
+        apply_fn=apply_fn,
+        init_params=params,
+        task=build_task(config, split),
+        optimizer=optax.adam(config.outer_lr),
+    )
+
+
+def init_state(exp: Experiment) -> TrainState:
+    params = exp.init_params
+    return TrainState(params=params, opt_state=exp.optimizer.init(params), step=jnp.array(0))
+
+
+def root_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """``(train_key, eval_key)``: disjoint streams, so evaluation tasks are fresh."""
+    train_key, eval_key = jax.random.split(jax.random.key(seed))
+    return train_key, eval_key
+
+
+# --- The meta-objective --------------------------------------------------------
+
+
+def task_loss_and_metrics(exp: Experiment, params, support, query, *, num_inner_steps):
+    """One task: adapt on ``support``, then the query loss and metrics."""
+    c = exp.config
+    adapted = core.adapt(
+        exp.loss_fn,
+        params,
+        support,
+        inner_lr=exp.inner_lr,
+        num_inner_steps=num_inner_steps,
+        first_order=c.first_order or c.algorithm == "fomaml",
+        remat=c.get("remat", False),
+    )
+    x, y = query
+    predictions = exp.apply_fn(adapted, x)
+    return exp.task.loss(predictions, y), exp.task.metrics(predictions, y)
+
+
+def meta_loss_and_grad(exp: Experiment, params: PyTree, episode: dict):
+    """Mean meta-loss over the meta-batch, its metrics, and its gradient."""
+    c = exp.config
+    if c.algorithm == "imaml":
+        from maml import imaml
+
+        loss, grads = imaml.batched_imaml_loss_and_grad(
+            exp.loss_fn,
+            params,
+            episode["support"],
+            episode["query"],
+            inner_lr=c.inner_lr,
+            num_inner_steps=c.num_inner_steps,
+            lam=c.imaml_lambda,
+            num_cg_steps=c.imaml_cg_steps,
+        )
+        return loss, {}, grads
+    # Finn's pretrain baseline: plain multi-task training, no inner loop.
+    num_inner_steps = 0 if c.algorithm == "pretrain" else c.num_inner_steps
+
+    def objective(params):
+        losses, metrics = jax.vmap(
+            functools.partial(task_loss_and_metrics, exp, params, num_inner_steps=num_inner_steps)
+        )(episode["support"], episode["query"])
+        return jnp.mean(losses), jax.tree.map(jnp.mean, metrics)
+
+    (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    return loss, metrics, grads
+
+
+def train_step(exp: Experiment, train_key: jax.Array, state: TrainState):
+    """One meta-step; ``(new_state, metrics)``, with the episode sampled on the device."""
+    key = jax.random.fold_in(train_key, state.step)
+    episode = exp.task.sample(key, exp.config.meta_batch_size)
+    loss, metrics, grads = meta_loss_and_grad(exp, state.params, episode)
+    updates, opt_state = exp.optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, **metrics, "grad_norm": optax.global_norm(grads)}
+    return state.replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
+
+
+def make_train_chunk(exp: Experiment, train_key: jax.Array):
+    """``train_chunk(state, num_steps) -> (state, metrics)``: jitted, donating ``state``.
+
+    ``metrics`` leaves have a leading axis of length ``num_steps``.
+    """
+
+    @functools.partial(jax.jit, static_argnums=1, donate_argnums=0)
+    def train_chunk(state: TrainState, num_steps: int):
+        def body(state, _):
+            return train_step(exp, train_key, state)
+
+        return jax.lax.scan(body, state, length=num_steps)
+
+    return train_chunk
+
+
+# --- Evaluation ------------------------------------------------------------------
+
+
+def adaptation_curve(exp: Experiment, params, task, key, *, num_tasks, inner_lr, num_inner_steps,
+                     batch_size):
+    """Query metric of ``num_tasks`` fresh tasks after 0..``num_inner_steps`` SGD steps.
+
+    Returns:
+      ``(num_inner_steps + 1, num_tasks)`` numpy array of ``task.metric``.
+    """
+
+    @jax.jit
+    def curve(params, key):
+        episode = task.sample(key, batch_size)
+
+        def one_task(support, query):
+            def step(p, _):
+                metric = task.metrics(exp.apply_fn(p, query[0]), query[1])[task.metric]
+                return core.sgd_step(exp.loss_fn, p, support, inner_lr=inner_lr), metric
+
+            p, metrics = jax.lax.scan(step, params, length=num_inner_steps)
+            last = task.metrics(exp.apply_fn(p, query[0]), query[1])[task.metric]
+            return jnp.concatenate([metrics, last[None]])
+
+        return jax.vmap(one_task, out_axes=1)(episode["support"], episode["query"])
+
+    num_batches = -(-num_tasks // batch_size)
+    out = [np.asarray(curve(params, jax.random.fold_in(key, b))) for b in range(num_batches)]
+    return np.concatenate(out, axis=1)[:, :num_tasks]
+
+
+def summarize(values: np.ndarray) -> dict:
+    """Mean and 95% confidence half-width (1.96 std / sqrt(n)) over tasks (last axis)."""
+    n = values.shape[-1]
+    return {
+        "mean": values.mean(-1).tolist(),
+        "ci95": (1.96 * values.std(-1) / np.sqrt(n)).tolist(),
+    }
+
+
+# --- Checkpoints -------------------------------------------------------------------
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be restored; the message is one line for the user."""
+
+
+def checkpoint_manager(workdir: Path) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        (workdir / "checkpoints").absolute(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=3, create=True),
+    )
+
+
+def restore_latest(manager: ocp.CheckpointManager, target: TrainState) -> TrainState | None:
+    """The latest checkpoint restored into ``target``'s structure, or ``None`` if none."""
+    step = manager.latest_step()
+    if step is None:
+        return None
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    try:
+        return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    except Exception as e:  # orbax raises many types for a bad or foreign checkpoint
+        raise CheckpointError(
+            f"cannot restore checkpoint {manager.directory}/{step} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); it is corrupt or from another "
+            "config: delete it or use another --workdir."
+        ) from e
+
+
+# --- The training loop -------------------------------------------------------------
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drops log lines past ``step``: they belong to a run that did not checkpoint them."""
+    records = _read_metrics(path)
+    kept = [r for r in records if r["step"] <= step]
+    if len(kept) != len(records):
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
+    """Meta-trains ``config`` in ``workdir``, resuming from its latest checkpoint."""
+    workdir = Path(workdir)
+    (workdir / "plots").mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+
+    exp = build_experiment(config, "train")
+    train_key, eval_key = root_keys(config.seed)
+    manager = checkpoint_manager(workdir)
+    state = init_state(exp)
+    restored = restore_latest(manager, state)
+    metrics_path = workdir / "metrics.jsonl"
+    if restored is not None:
+        state = restored
+        _truncate_metrics(metrics_path, int(state.step))
+    elif metrics_path.exists():
+        metrics_path.unlink()
+    start = int(state.step)
+
+    val_task = build_task(config, "validation") if config.get("eval_every", 0) else None
+    train_chunk = make_train_chunk(exp, train_key)
+    bar = tqdm(total=config.num_steps, initial=start, unit="step", dynamic_ncols=True,
+               desc=f"{config.task}/{config.algorithm}")
+    t0 = time.perf_counter()
+    try:
+        while int(state.step) < config.num_steps:
+            step = int(state.step)
+            # Chunks end on multiples of log_every, so a resumed run replays the
+            # same chunk boundaries (and so the same computation) as an
+            # uninterrupted one.
+            num = min(config.log_every - step % config.log_every, config.num_steps - step)
+            state, metrics = train_chunk(state, num)
+            metrics = jax.device_get(metrics)
+            step += num
+            record = {"step": step, **{k: float(np.mean(v)) for k, v in metrics.items()},
+                      "wall_s": round(time.perf_counter() - t0, 3)}
+            if val_task is not None and step % config.eval_every == 0:
+                curve = adaptation_curve(
+                    exp, state.params, val_task, jax.random.fold_in(eval_key, step),
+                    num_tasks=config.num_val_tasks, inner_lr=config.inner_lr,
+                    num_inner_steps=config.num_inner_steps,
+                    batch_size=min(config.num_val_tasks, config.get("eval_batch_size", 100)),
+                )
+                record[f"val_{val_task.metric}"] = float(curve[-1].mean())
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            if step % config.checkpoint_every == 0 or step == config.num_steps:
+                manager.save(step, args=ocp.args.StandardSave(state))
+            bar.update(num)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in record.items()
+                             if k not in ("step", "wall_s", "grad_norm")})
+    except KeyboardInterrupt:
+        # The state returned by the last dispatched chunk is whole once it is
+        # computed; keep it so that no finished work is lost.
+        manager.save(int(state.step), args=ocp.args.StandardSave(state), force=True)
+        manager.wait_until_finished()
+        bar.close()
+        raise
+    manager.wait_until_finished()
+    bar.close()
+
+    from maml import plots
+
+    plots.training_curves(_read_metrics(metrics_path), workdir / "plots" / "training.png")
+    if isinstance(exp.task, Sinusoid):
+        plots.sinusoid_adaptation(
+            exp, state.params, jax.random.fold_in(eval_key, 2**31 - 1),
+            workdir / "plots" / "adaptation.png",
+        )
+    return state
+
+
+def restore_params(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[Experiment, PyTree, int]:
+    """``(experiment, params, step)`` of the latest checkpoint in ``workdir``."""
+    workdir = Path(workdir)
+    exp = build_experiment(config, "test")
+    manager = checkpoint_manager(workdir)
+    state = restore_latest(manager, init_state(exp))
+    if state is None:
+        raise CheckpointError(
+            f"no checkpoint in {workdir / 'checkpoints'}: train first with "
+            f"scripts/train.py --workdir={workdir}."
+        )
+    return exp, state.params, int(state.step)

@@ -1,0 +1,51 @@
+"""What the scripts share: config flags, and turning user errors into one line and exit 2."""
+
+import contextlib
+import sys
+
+from absl import flags, logging
+from ml_collections import config_flags
+
+from maml.configs import ConfigError, validate
+
+config_flags.DEFINE_config_file("config", None, "Config file, optionally path:variant.",
+                                 lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, plots.")
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def checked_config():
+    """The ``--config`` flag's config, validated before any compute."""
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    config = flags.FLAGS.config
+    if config is None:
+        fail("--config is required, e.g. --config=maml/configs/sinusoid.py")
+    if not flags.FLAGS.workdir:
+        fail("--workdir is required")
+    try:
+        validate(config)
+    except ConfigError as e:
+        fail(str(e))
+    return config
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Errors a user can cause (missing data, bad checkpoint) end in one line and exit 2."""
+    from maml.train import CheckpointError
+
+    errors = (CheckpointError, FileNotFoundError)
+    try:
+        from maml.tasks.omniglot import DatasetNotFoundError
+
+        errors += (DatasetNotFoundError,)
+    except ImportError:
+        pass
+    try:
+        yield
+    except errors as e:
+        fail(str(e))

@@ -1,0 +1,25 @@
+"""Evaluates the latest checkpoint of a run on fresh test tasks.
+
+    python scripts/evaluate.py --config=maml/configs/sinusoid.py --workdir=runs/sinusoid
+
+Writes WORKDIR/eval.json (metric mean and 95% CI for 0..eval_inner_steps inner
+steps, per K in config.eval_shots), prints it as a table, and saves
+WORKDIR/plots/eval.png.
+"""
+
+from absl import app, flags
+
+import _common
+from maml import evaluate
+
+
+def main(argv):
+    del argv
+    config = _common.checked_config()
+    with _common.user_errors():
+        result = evaluate.evaluate(config, flags.FLAGS.workdir)
+    print(evaluate.format_table(result))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,210 @@
+"""Hessian-vector products, dense Hessians, Lanczos, SLQ density and CG against dense linear algebra."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.flatten_util import ravel_pytree
+
+from maml import MLP, functional, meta_loss
+from maml import second_order as so
+
+
+@pytest.fixture(autouse=True)
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def mlp_problem(sizes=(2, 6, 1), seed=0):
+    """A float64 MLP regression loss and data: ``(loss_fn, params, support, query)``."""
+    apply_fn, params = functional(MLP(sizes, rngs=nnx.Rngs(seed), param_dtype=jnp.float64))
+    kx, kq = jax.random.split(jax.random.key(seed + 1))
+    xs = jax.random.normal(kx, (8, sizes[0]), jnp.float64)
+    xq = jax.random.normal(kq, (8, sizes[0]), jnp.float64)
+
+    def loss_fn(p, batch):
+        x, y = batch
+        return jnp.mean((apply_fn(p, x) - y) ** 2)
+
+    return loss_fn, params, (xs, jnp.sin(xs[:, :1])), (xq, jnp.sin(xq[:, :1]))
+
+
+def dense_hessian(f, params):
+    flat, unravel = ravel_pytree(params)
+    return np.asarray(jax.hessian(lambda z: f(unravel(z)))(flat))
+
+
+def random_like(params, seed):
+    flat, unravel = ravel_pytree(params)
+    return unravel(jax.random.normal(jax.random.key(seed), flat.shape, flat.dtype))
+
+
+def flat(tree):
+    return np.asarray(ravel_pytree(tree)[0])
+
+
+@pytest.mark.parametrize("mode", so.HVP_MODES)
+def test_hvp_matches_dense_hessian_on_mlp(mode):
+    loss_fn, params, support, _ = mlp_problem()
+    f = lambda p: loss_fn(p, support)  # noqa: E731
+    v = random_like(params, 3)
+    hv = jax.jit(lambda p, v: so.hvp(f, p, v, mode=mode))(params, v)
+    assert jax.tree.structure(hv) == jax.tree.structure(params)
+    np.testing.assert_allclose(flat(hv), dense_hessian(f, params) @ flat(v), atol=1e-12)
+
+
+@pytest.mark.parametrize("num_inner_steps", [1, 2])
+def test_hvp_matches_dense_hessian_on_meta_loss(num_inner_steps):
+    loss_fn, params, support, query = mlp_problem(sizes=(1, 5, 1))
+
+    def f(p):
+        return meta_loss(
+            loss_fn, p, support, query, inner_lr=0.1, num_inner_steps=num_inner_steps
+        )
+
+    v = random_like(params, 4)
+    expected = dense_hessian(f, params) @ flat(v)
+    for mode in so.HVP_MODES:
+        np.testing.assert_allclose(flat(so.hvp(f, params, v, mode=mode)), expected, atol=1e-11)
+
+
+def test_hvp_modes_agree_on_a_smooth_pytree_function():
+    params = {"a": jnp.array([0.3, -1.2, 0.7]), "b": {"c": jnp.array([[0.5, 2.0], [-0.4, 1.1]])}}
+
+    def f(p):
+        return jnp.sum(jnp.tanh(p["a"]) ** 3) * jnp.sum(jnp.sin(p["b"]["c"]) * p["a"][:2])
+
+    v = random_like(params, 5)
+    results = [flat(so.hvp(f, params, v, mode=mode)) for mode in so.HVP_MODES]
+    assert np.linalg.norm(results[0]) > 1e-3
+    for r in results[1:]:
+        np.testing.assert_allclose(r, results[0], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(results[0], dense_hessian(f, params) @ flat(v), atol=1e-12)
+
+
+def test_hvp_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="hvp mode"):
+        so.hvp(jnp.sum, jnp.ones(3), jnp.ones(3), mode="forward_over_forward")
+
+
+def test_hessian_matches_jax_hessian_and_unravels():
+    loss_fn, params, support, _ = mlp_problem()
+    f = lambda p: loss_fn(p, support)  # noqa: E731
+    H, unravel = jax.jit(lambda p: so.hessian(f, p)[0])(params), so.hessian(f, params)[1]
+    expected = dense_hessian(f, params)
+    assert H.shape == expected.shape
+    np.testing.assert_allclose(H, expected, atol=1e-12)
+    np.testing.assert_allclose(H, H.T, atol=1e-12)
+    row = unravel(H[0])
+    assert jax.tree.structure(row) == jax.tree.structure(params)
+    assert jax.tree.map(jnp.shape, row) == jax.tree.map(jnp.shape, params)
+
+
+def test_lanczos_is_an_orthonormal_tridiagonalization():
+    loss_fn, params, support, _ = mlp_problem()
+    f = lambda p: loss_fn(p, support)  # noqa: E731
+    H = dense_hessian(f, params)
+    m = 12
+    result = jax.jit(
+        lambda p, k: so.lanczos(lambda v: so.hvp(f, p, v), p, num_iters=m, key=k)
+    )(params, jax.random.key(0))
+    V = np.asarray(result.basis)
+    assert V.shape == (m, H.shape[0])
+    np.testing.assert_allclose(V @ V.T, np.eye(m), atol=1e-12)
+    np.testing.assert_allclose(V @ H @ V.T, np.asarray(result.tridiagonal()), atol=1e-10)
+
+
+def test_top_eigenpairs_match_eigvalsh():
+    loss_fn, params, support, _ = mlp_problem(sizes=(2, 8, 1))
+    f = lambda p: loss_fn(p, support)  # noqa: E731
+    H = dense_hessian(f, params)
+    n = H.shape[0]
+    exact = np.linalg.eigvalsh(H)[::-1]
+    k = 4
+    top = jax.jit(lambda p, key: so.top_eigenpairs(f, p, k, num_iters=n, key=key))
+    values, vectors = top(params, jax.random.key(1))
+    np.testing.assert_allclose(values, exact[:k], rtol=1e-9, atol=1e-12)
+    U = np.asarray(jax.vmap(lambda t: ravel_pytree(t)[0])(vectors))
+    assert jax.tree.map(jnp.shape, vectors) == jax.tree.map(lambda x: (k, *x.shape), params)
+    np.testing.assert_allclose(np.linalg.norm(U, axis=1), 1.0, rtol=1e-10)
+    np.testing.assert_allclose(U @ H, np.asarray(values)[:, None] * U, atol=1e-8)
+    # With fewer Lanczos steps than parameters the extreme eigenvalue is still found.
+    few, _ = so.top_eigenpairs(f, params, 1, num_iters=n // 2, key=jax.random.key(2))
+    np.testing.assert_allclose(few, exact[:1], rtol=1e-6)
+
+
+def test_lanczos_survives_repeated_eigenvalues():
+    # Two distinct eigenvalues: the Krylov space is exhausted after two steps.
+    d = jnp.array([1.0] * 6 + [10.0] * 4)
+    f = lambda p: 0.5 * jnp.sum(d * p**2)  # noqa: E731
+    values, _ = so.top_eigenpairs(f, jnp.zeros(10), 5, num_iters=10, key=jax.random.key(0))
+    np.testing.assert_allclose(values, [10.0] * 4 + [1.0], atol=1e-10)
+
+
+def test_spectral_density_is_exact_for_a_diagonal_hessian():
+    # Rademacher probes see every eigenvalue of a diagonal matrix with weight 1/n.
+    d = jnp.array([1.0] * 6 + [10.0] * 4)
+    f = lambda p: 0.5 * jnp.sum(d * p**2)  # noqa: E731
+    grid, density = jax.jit(
+        lambda p, k: so.spectral_density(f, p, num_iters=10, num_probes=4, key=k, sigma=0.2)
+    )(jnp.zeros(10), jax.random.key(0))
+    np.testing.assert_allclose(jnp.trapezoid(density, grid), 1.0, rtol=1e-12)
+    low = jnp.trapezoid(jnp.where(grid < 5.0, density, 0.0), grid)
+    np.testing.assert_allclose(low, 0.6, atol=1e-3)
+    assert abs(float(grid[jnp.argmax(density)]) - 1.0) < 0.05
+
+
+def test_spectral_density_mass_sits_at_the_eigenvalues():
+    loss_fn, params, support, _ = mlp_problem(sizes=(2, 8, 1))
+    f = lambda p: loss_fn(p, support)  # noqa: E731
+    eigenvalues = np.linalg.eigvalsh(dense_hessian(f, params))
+    n = eigenvalues.size
+    sigma = 0.05
+    grid = jnp.linspace(eigenvalues.min() - 1.0, eigenvalues.max() + 1.0, 2000)
+    grid, density = so.spectral_density(
+        f, params, num_iters=n, num_probes=200, key=jax.random.key(3), grid=grid, sigma=sigma
+    )
+    np.testing.assert_allclose(jnp.trapezoid(density, grid), 1.0, rtol=1e-12)
+    exact = np.exp(-0.5 * ((np.asarray(grid)[:, None] - eigenvalues) / sigma) ** 2).sum(1)
+    exact /= np.trapezoid(exact, grid)
+    # Cumulative distributions: SLQ against the broadened eigenvalue histogram.
+    dx = np.diff(np.asarray(grid))[0]
+    cdf, exact_cdf = np.cumsum(density) * dx, np.cumsum(exact) * dx
+    assert np.max(np.abs(cdf - exact_cdf)) < 0.1
+    # No mass far from every eigenvalue.
+    far = np.min(np.abs(np.asarray(grid)[:, None] - eigenvalues), axis=1) > 6 * sigma
+    assert np.trapezoid(np.where(far, density, 0.0), grid) < 1e-3
+
+
+def spd_matrix(n, seed):
+    a = jax.random.normal(jax.random.key(seed), (n, n), jnp.float64)
+    return a @ a.T / n + 0.1 * jnp.eye(n)
+
+
+def test_conjugate_gradient_matches_dense_solve():
+    A = spd_matrix(12, 0)
+    b = jnp.arange(12.0) - 5.0
+    x = jax.jit(lambda b: so.conjugate_gradient(lambda v: A @ v, b, num_iters=60))(b)
+    np.testing.assert_allclose(x, np.linalg.solve(A, b), rtol=1e-8)
+    # One iteration is not a solve: the test above can fail.
+    x1 = so.conjugate_gradient(lambda v: A @ v, b, num_iters=1)
+    assert np.linalg.norm(x1 - np.linalg.solve(A, b)) > 1e-2
+
+
+def test_conjugate_gradient_on_pytrees_with_initial_guess():
+    A = spd_matrix(5, 1)
+    unravel = ravel_pytree({"w": jnp.zeros((2, 2)), "b": jnp.zeros(1)})[1]
+
+    def matvec(tree):
+        return unravel(A @ ravel_pytree(tree)[0])
+
+    b = unravel(jnp.array([1.0, -2.0, 0.5, 3.0, -1.0]))
+    expected = np.linalg.solve(A, flat(b))
+    x = so.conjugate_gradient(matvec, b, num_iters=20)
+    np.testing.assert_allclose(flat(x), expected, rtol=1e-8)
+    # Starting at the solution, zero residual: no NaNs from 0 / 0.
+    x = so.conjugate_gradient(matvec, unravel(jnp.asarray(expected)), num_iters=5, x0=x)
+    x = so.conjugate_gradient(matvec, b, num_iters=5, x0=unravel(jnp.asarray(expected)))
+    np.testing.assert_allclose(flat(x), expected, rtol=1e-8)
