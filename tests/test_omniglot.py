@@ -1,0 +1,349 @@
+"""Tests for the Omniglot data pipeline, splits, episodes and one-shot runs.
+
+The preprocessed cache is built once per session (a few seconds) into a pytest
+temporary directory from the prepared TFDS data in ``../shared/data/tfds``.
+"""
+
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from maml.tasks import omniglot
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+TFDS_DIR = SHARED_DATA / "tfds"
+RUNS_ZIP = SHARED_DATA / "omniglot_one_shot_runs" / "all_runs.zip"
+
+requires_data = pytest.mark.skipif(
+    not (TFDS_DIR / "omniglot" / omniglot.DATASET_VERSION).is_dir(),
+    reason=f"prepared Omniglot not found in {TFDS_DIR}",
+)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("maml_cache")
+
+
+@pytest.fixture(scope="session")
+def data(cache_dir):
+    if not (TFDS_DIR / "omniglot" / omniglot.DATASET_VERSION).is_dir():
+        pytest.skip(f"prepared Omniglot not found in {TFDS_DIR}")
+    return omniglot.load_images(data_dir=TFDS_DIR, cache_dir=cache_dir)
+
+
+@pytest.fixture(scope="session")
+def one_shot_runs():
+    if not RUNS_ZIP.is_file():
+        pytest.skip(f"{RUNS_ZIP} not found")
+    return omniglot.load_one_shot_runs(RUNS_ZIP)
+
+
+def _synthetic_images(num_classes, num_drawings=20, size=28):
+    """Images whose ink pixel encodes nothing rotation-symmetric: one dot at (0, 1)."""
+    images = np.zeros((num_classes, num_drawings, size, size), np.uint8)
+    images[:, :, 0, 1] = 255
+    return images
+
+
+# --------------------------------------------------------------------------------------
+# Preprocessing.
+
+
+def test_preprocess_ink_convention_and_both_pixel_scales():
+    raw = np.ones((1, 105, 105, 3), np.uint8)  # {0, 1} decoding: 1 = white background
+    raw[0, 30:75, 40:60] = 0  # ink
+    out01 = omniglot.preprocess_images(raw)
+    out255 = omniglot.preprocess_images(raw * 255)  # {0, 255} decoding
+    np.testing.assert_array_equal(out01, out255)
+    assert out01.shape == (1, 28, 28) and out01.dtype == np.uint8
+    assert out01[0, 14, 13] > 200  # inside the stroke: ink (LANCZOS rings a little)
+    assert out01[0, 0, 0] == 0 and out01[0, 27, 27] == 0  # background
+
+
+def test_preprocess_matches_pil_lanczos():
+    rng = np.random.default_rng(0)
+    raw = (rng.random((3, 105, 105)) > 0.3).astype(np.uint8)
+    ours = omniglot.preprocess_images(raw)
+    for image, out in zip(raw, ours, strict=True):
+        ink = Image.fromarray((image == 0).astype(np.float32), mode="F")
+        ref = np.asarray(ink.resize((28, 28), Image.LANCZOS))
+        ref = np.clip(np.rint(ref * 255), 0, 255)
+        np.testing.assert_allclose(out, ref, atol=1)
+
+
+# --------------------------------------------------------------------------------------
+# Loading, cache and errors.
+
+
+def test_missing_data_dir_raises_clear_error(tmp_path):
+    missing = tmp_path / "no_such_dir"
+    with pytest.raises(omniglot.DatasetNotFoundError) as info:
+        omniglot.load_images(data_dir=missing, cache_dir=tmp_path / "cache")
+    message = str(info.value)
+    assert isinstance(info.value, ValueError)
+    assert "\n" not in message
+    assert str(missing) in message
+    for hint in ("--config.data_dir", "TFDS_DATA_DIR", "--config.download=True"):
+        assert hint in message
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+@requires_data
+def test_incomplete_dataset_raises_clear_error(tmp_path):
+    version_dir = tmp_path / "tfds" / "omniglot" / omniglot.DATASET_VERSION
+    version_dir.mkdir(parents=True)
+    for name in ("dataset_info.json", "features.json"):
+        shutil.copy(TFDS_DIR / "omniglot" / omniglot.DATASET_VERSION / name, version_dir)
+    with pytest.raises(omniglot.DatasetNotFoundError, match="omniglot"):
+        omniglot.load_images(data_dir=tmp_path / "tfds", cache_dir=tmp_path / "cache")
+    # Shard files present but empty: TFDS fails to read them; still our error.
+    for split in ("train", "test"):
+        (version_dir / f"omniglot-{split}.array_record-00000-of-00001").touch()
+    with pytest.raises(omniglot.DatasetNotFoundError, match="TFDS_DATA_DIR"):
+        omniglot.load_images(data_dir=tmp_path / "tfds", cache_dir=tmp_path / "cache")
+
+
+def test_cache_path_name_and_env(tmp_path, monkeypatch):
+    assert omniglot.cache_path(tmp_path).name == "omniglot-3.0.0-28.npz"
+    monkeypatch.setenv("MAML_CACHE_DIR", str(tmp_path / "env"))
+    assert omniglot.cache_path(None) == tmp_path / "env" / "omniglot-3.0.0-28.npz"
+
+
+def test_cache_round_trip(data, cache_dir, tmp_path):
+    path = omniglot.cache_path(cache_dir)
+    assert path.is_file()
+    # A missing data_dir does not matter once the cache exists.
+    again = omniglot.load_images(data_dir=tmp_path / "no_such_dir", cache_dir=cache_dir)
+    np.testing.assert_array_equal(again["images"], data["images"])
+    np.testing.assert_array_equal(again["alphabet_ids"], data["alphabet_ids"])
+    # A corrupt cache is rebuilt rather than trusted; here there is no data to rebuild from.
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    omniglot.cache_path(bad).write_bytes(b"not an npz")
+    with pytest.raises(omniglot.DatasetNotFoundError):
+        omniglot.load_images(data_dir=tmp_path / "no_such_dir", cache_dir=bad)
+
+
+def test_images_shapes_and_pixel_convention(data):
+    images = data["images"]
+    assert images.shape == (1623, 20, 28, 28) and images.dtype == np.uint8
+    assert data["alphabet_ids"].shape == (1623,)
+    assert set(np.unique(data["alphabet_ids"])) == set(range(50))
+    x = images.astype(np.float32) / 255.0
+    assert 0.02 < x.mean() < 0.3  # ink is the minority
+    assert (images == 0).mean() > 0.5  # background is exactly 0
+    assert (images[:, :, 0, :] == 0).mean() > 0.9  # border rows are background
+    assert images.max() == 255
+
+
+# --------------------------------------------------------------------------------------
+# Splits.
+
+
+def _assert_disjoint(ids):
+    names = list(ids)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert not set(ids[a].tolist()) & set(ids[b].tolist()), (a, b)
+
+
+def test_finn_split_ids():
+    ids = omniglot.split_character_ids(protocol="finn", split_seed=1)
+    assert [len(ids[s]) for s in ("train", "validation", "test")] == [1100, 100, 423]
+    _assert_disjoint(ids)
+    assert sorted(np.concatenate(list(ids.values())).tolist()) == list(range(1623))
+    same = omniglot.split_character_ids(protocol="finn", split_seed=1)
+    other = omniglot.split_character_ids(protocol="finn", split_seed=2)
+    np.testing.assert_array_equal(ids["test"], same["test"])
+    assert not np.array_equal(ids["test"], other["test"])
+
+
+def test_background_split_ids():
+    ids = omniglot.split_character_ids(protocol="background", split_seed=0)
+    assert [len(ids[s]) for s in ("train", "validation", "test")] == [864, 100, 659]
+    _assert_disjoint(ids)
+    assert sorted(np.concatenate([ids["train"], ids["validation"]]).tolist()) == list(range(964))
+    assert ids["test"].tolist() == list(range(964, 1623))
+
+
+def test_unknown_protocol():
+    with pytest.raises(ValueError, match="split_protocol"):
+        omniglot.split_character_ids(protocol="lake")
+
+
+@pytest.mark.parametrize("protocol", ["finn", "background"])
+def test_load_splits(data, cache_dir, protocol):
+    splits = omniglot.load_splits(cache_dir=cache_dir, protocol=protocol, split_seed=3)
+    assert set(splits) == {"train", "validation", "test"}
+    _assert_disjoint({name: s.character_ids for name, s in splits.items()})
+    for split in splits.values():
+        assert split.images.shape == (len(split.character_ids), 20, 28, 28)
+        np.testing.assert_array_equal(split.images, data["images"][split.character_ids])
+        np.testing.assert_array_equal(split.alphabet_ids, data["alphabet_ids"][split.character_ids])
+    if protocol == "background":  # evaluation alphabets are never seen in meta-training
+        train_alphabets = set(splits["train"].alphabet_ids.tolist())
+        assert not train_alphabets & set(splits["test"].alphabet_ids.tolist())
+
+
+# --------------------------------------------------------------------------------------
+# Episodes.
+
+
+def _check_episode(family, batch, idx, num_tasks):
+    n, k, q = family.num_ways, family.num_shots, family.num_query
+    xs, ys = batch["support"]
+    xq, yq = batch["query"]
+    assert xs.shape == (num_tasks, n * k, 28, 28, 1) and xs.dtype == jnp.float32
+    assert xq.shape == (num_tasks, n * q, 28, 28, 1) and xq.dtype == jnp.float32
+    assert ys.shape == (num_tasks, n * k) and ys.dtype == jnp.int32
+    assert yq.shape == (num_tasks, n * q) and yq.dtype == jnp.int32
+    idx = jax.tree.map(np.asarray, idx)
+    ys, yq = np.asarray(ys), np.asarray(yq)
+    for t in range(num_tasks):
+        assert len(set(idx["classes"][t].tolist())) == n  # no class twice in a task
+        assert sorted(idx["labels"][t].tolist()) == list(range(n))  # labels a permutation
+        assert np.all(np.bincount(ys[t], minlength=n) == k)  # balanced
+        assert np.all(np.bincount(yq[t], minlength=n) == q)
+        for c in range(n):
+            drawings = idx["drawings"][t, c]
+            assert len(set(drawings.tolist())) == k + q  # support and query disjoint
+    # Render the episode in numpy from the indices and compare.
+    images = np.asarray(family.images)
+    x = np.concatenate([np.asarray(xs), np.asarray(xq)], axis=1)
+    for t in range(num_tasks):
+        for c in range(n):
+            char, rot, label = (idx[f][t, c] for f in ("characters", "rotations", "labels"))
+            for j, d in enumerate(idx["drawings"][t, c]):
+                pos = c * k + j if j < k else n * k + c * q + (j - k)
+                expected = np.rot90(images[char, d], rot).astype(np.float32) / 255.0
+                np.testing.assert_allclose(x[t, pos, ..., 0], expected, atol=1e-6)
+                assert (ys[t, pos] if j < k else yq[t, pos - n * k]) == label
+
+
+def test_episode_invariants_on_real_data(data, cache_dir):
+    config = ml_collections.ConfigDict(
+        {"cache_dir": str(cache_dir), "num_ways": 20, "num_shots": 1, "num_query": 5}
+    )
+    family = omniglot.from_config(config, "train")
+    assert family.images.shape == (1100, 20, 28, 28) and family.rotate == "per_class"
+    key = jax.random.key(0)
+    batch = jax.jit(family.sample, static_argnums=1)(key, 8)
+    idx = family.sample_indices(key, 8)
+    _check_episode(family, batch, idx, 8)
+    assert np.asarray(idx["rotations"]).max() > 0  # per_class rotation draws rotations
+    xs = np.asarray(batch["support"][0])
+    assert xs.min() >= 0.0 and xs.max() <= 1.0
+    assert xs.mean() < 0.3 and (xs == 0).mean() > 0.5  # background 0, ink sparse
+    # Two keys give different tasks.
+    other = family.sample_indices(jax.random.key(1), 8)
+    assert not np.array_equal(idx["classes"], other["classes"])
+
+
+@pytest.mark.parametrize("rotate", ["none", "per_class", "new_classes"])
+def test_episode_invariants_synthetic(rotate):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (7, 20, 28, 28), dtype=np.uint8)
+    family = omniglot.Omniglot(images, num_ways=5, num_shots=3, num_query=4, rotate=rotate)
+    key = jax.random.key(3)
+    _check_episode(family, family.sample(key, 6), family.sample_indices(key, 6), 6)
+    rotations = np.asarray(family.sample_indices(key, 6)["rotations"])
+    if rotate == "none":
+        assert np.all(rotations == 0)
+
+
+def test_rotation_known_positions():
+    # One ink dot at (0, 1); np.rot90 by r quarter turns moves it to these places.
+    expected = {0: (0, 1), 1: (26, 0), 2: (27, 26), 3: (1, 27)}
+    family = omniglot.Omniglot(
+        _synthetic_images(3), num_ways=12, num_shots=1, num_query=1, rotate="new_classes"
+    )
+    assert family.num_classes == 12  # 3 characters x 4 rotations; 12-way needs all of them
+    idx = family.sample_indices(jax.random.key(0), 2)
+    xs = np.asarray(family.sample(jax.random.key(0), 2)["support"][0])
+    for t in range(2):
+        assert sorted(np.asarray(idx["classes"][t]).tolist()) == list(range(12))
+        for c in range(12):
+            cls = int(idx["classes"][t, c])
+            assert int(idx["rotations"][t, c]) == cls // 3
+            assert int(idx["characters"][t, c]) == cls % 3
+            ink = np.argwhere(xs[t, c, ..., 0] > 0)
+            assert ink.tolist() == [list(expected[cls // 3])]
+
+
+def test_family_validation_and_hashing():
+    images = _synthetic_images(4)
+    with pytest.raises(ValueError, match="num_ways"):
+        omniglot.Omniglot(images, num_ways=5, rotate="none")
+    omniglot.Omniglot(images, num_ways=5, num_query=1, rotate="new_classes")  # 16 classes
+    with pytest.raises(ValueError, match="num_query"):
+        omniglot.Omniglot(images, num_ways=2, num_shots=5, num_query=16)
+    with pytest.raises(ValueError, match="rotate"):
+        omniglot.Omniglot(images, num_ways=2, rotate="random")
+    family = omniglot.Omniglot(images, num_ways=2, num_query=1)
+    assert isinstance(family.images, jax.Array)
+    assert hash(family) == hash(family) and family != omniglot.Omniglot(images, num_ways=2)
+
+
+def test_loss_and_metrics():
+    labels = jnp.array([0, 2, 1, 2])
+    logits = jax.nn.one_hot(labels, 3) * 10.0
+    assert omniglot.Omniglot.metrics(logits, labels)["accuracy"] == 1.0
+    assert omniglot.Omniglot.metrics(logits, (labels + 1) % 3)["accuracy"] == 0.0
+    logits = jax.random.normal(jax.random.key(0), (4, 3))
+    expected = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+    np.testing.assert_allclose(omniglot.Omniglot.loss(logits, labels), expected, rtol=1e-5)
+    assert omniglot.Omniglot.metric == "accuracy"
+
+
+def test_from_config_defaults_and_validation(data, cache_dir):
+    family = omniglot.from_config({"cache_dir": str(cache_dir), "data_dir": None}, "val")
+    assert (family.num_ways, family.num_shots, family.num_query) == (5, 1, 15)
+    assert family.images.shape == (100, 20, 28, 28)
+    background = omniglot.from_config(
+        {"cache_dir": str(cache_dir), "split_protocol": "background", "rotate": "none"}, "test"
+    )
+    assert background.images.shape == (659, 20, 28, 28)
+    with pytest.raises(ValueError, match="config.rotate"):
+        omniglot.validate_config({"rotate": "sometimes"})
+    with pytest.raises(ValueError, match="config.num_shots"):
+        omniglot.validate_config({"num_shots": 10, "num_query": 15})
+    with pytest.raises(ValueError, match="split"):
+        omniglot.from_config({"cache_dir": str(cache_dir)}, "holdout")
+
+
+# --------------------------------------------------------------------------------------
+# Lake et al.'s one-shot runs.
+
+
+def test_one_shot_runs_shapes(one_shot_runs):
+    assert len(one_shot_runs) == 20
+    for run in one_shot_runs:
+        assert run["support"].shape == (20, 28, 28, 1) and run["support"].dtype == np.float32
+        assert run["query"].shape == (20, 28, 28, 1) and run["query"].dtype == np.float32
+        assert run["support_labels"].tolist() == list(range(20))
+        assert sorted(run["query_labels"].tolist()) == list(range(20))
+        assert run["support"].min() >= 0 and run["support"].max() <= 1
+        assert run["query"].mean() < 0.3  # ink 1 on background 0, like the dataset
+
+
+def test_one_shot_runs_match_test_split(one_shot_runs, data):
+    """A run's images are evaluation-set images, preprocessed identically."""
+    flat = data["images"].reshape(-1, 28 * 28)
+    index = {row.tobytes(): i // 20 for i, row in enumerate(flat)}  # image -> character
+    run = one_shot_runs[0]
+
+    def characters(x):
+        u8 = np.rint(x[..., 0] * 255).astype(np.uint8).reshape(len(x), -1)
+        return [index.get(row.tobytes(), -1) for row in u8]
+
+    support, query = characters(run["support"]), characters(run["query"])
+    assert all(c >= omniglot.NUM_BACKGROUND_CHARACTERS for c in support + query)
+    # Each query drawing is of the character its label points at.
+    assert [support[label] for label in run["query_labels"]] == query
