@@ -29,7 +29,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     for shots in config.eval_shots:
         task = _with_shots(exp.task, shots, config)
         values = adaptation_curve(
-            exp, params, task, jax.random.fold_in(eval_key, shots),
+            exp,
+            params,
+            task,
+            jax.random.fold_in(eval_key, shots),
             num_tasks=config.num_eval_tasks,
             inner_lr=config.get("eval_inner_lr", config.inner_lr),
             num_inner_steps=config.eval_inner_steps,
@@ -50,8 +53,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
 
 def _with_shots(task, shots: int, config):
     if hasattr(task, "num_support"):  # regression: K support points, many query points
-        return dataclasses.replace(task, num_support=shots,
-                                   num_query=config.get("eval_num_query", task.num_query))
+        return dataclasses.replace(
+            task, num_support=shots, num_query=config.get("eval_num_query", task.num_query)
+        )
     return dataclasses.replace(task, num_shots=shots)
 
 

@@ -30,8 +30,7 @@ def functional(model: nnx.Module) -> tuple[ApplyFn, PyTree]:
       them (inside whatever transformation calls it) and returns ``model(x)``.
     """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    params = params.to_pure_dict()
-    rest = rest.to_pure_dict()
+    params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
 
     def apply_fn(params: PyTree, x: jax.Array) -> jax.Array:
         # Merging pure arrays creates fresh Variables in the current trace, so
@@ -41,16 +40,36 @@ def functional(model: nnx.Module) -> tuple[ApplyFn, PyTree]:
     return apply_fn, params
 
 
+LECUN_NORMAL = nnx.initializers.lecun_normal()
+FINN_KERNEL_INIT = nnx.initializers.truncated_normal(stddev=0.01)
+
+
 class MLP(nnx.Module):
     """Fully connected ReLU network; Finn et al.'s sinusoid net is ``MLP((1, 40, 40, 1))``.
 
-    Maps ``(..., sizes[0])`` to ``(..., sizes[-1])``.
+    Maps ``(..., sizes[0])`` to ``(..., sizes[-1])``. Finn's code initialised
+    the kernels from a normal truncated at two standard deviations of 0.01
+    (``FINN_KERNEL_INIT``) and the biases at zero.
     """
 
-    def __init__(self, sizes: Sequence[int], *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        *,
+        rngs: nnx.Rngs,
+        param_dtype=jnp.float32,
+        kernel_init: nnx.Initializer = LECUN_NORMAL,
+    ):
         self.layers = nnx.List(
             [
-                nnx.Linear(n_in, n_out, rngs=rngs, param_dtype=param_dtype, dtype=param_dtype)
+                nnx.Linear(
+                    n_in,
+                    n_out,
+                    rngs=rngs,
+                    param_dtype=param_dtype,
+                    dtype=param_dtype,
+                    kernel_init=kernel_init,
+                )
                 for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True)
             ]
         )

@@ -44,13 +44,25 @@ def sinusoid_adaptation(exp, params, key, path: Path, *, steps=(1, 10)) -> None:
     ax.plot(x, exp.apply_fn(params, x), ":", color="tab:green", label="pre-update")
     p, done = params, 0
     for n, style in zip(steps, ("--", "-"), strict=False):
-        p = core.adapt(exp.loss_fn, p, support, inner_lr=exp.config.inner_lr,
-                       num_inner_steps=n - done)
+        p = core.adapt(
+            exp.loss_fn, p, support, inner_lr=exp.config.inner_lr, num_inner_steps=n - done
+        )
         done = n
-        ax.plot(x, exp.apply_fn(p, x), style, color="tab:blue" if n == 1 else "tab:cyan",
-                label=f"{n} grad step{'s' if n > 1 else ''}")
-    ax.scatter(support[0][:, 0], support[1][:, 0], marker="^", color="purple", zorder=3,
-               label=f"{support[0].shape[0]} points used for grad")
+        ax.plot(
+            x,
+            exp.apply_fn(p, x),
+            style,
+            color="tab:blue" if n == 1 else "tab:cyan",
+            label=f"{n} grad step{'s' if n > 1 else ''}",
+        )
+    ax.scatter(
+        support[0][:, 0],
+        support[1][:, 0],
+        marker="^",
+        color="purple",
+        zorder=3,
+        label=f"{support[0].shape[0]} points used for grad",
+    )
     ax.set_title(f"MAML, K={support[0].shape[0]}")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -63,8 +75,9 @@ def adaptation_curves(evaluation: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for shots, r in evaluation["results"].items():
         mean, ci = jnp.asarray(r["mean"]), jnp.asarray(r["ci95"])
-        ax.errorbar(r["inner_steps"], mean, yerr=ci, capsize=2, marker="o", ms=3,
-                    label=f"K={shots}")
+        ax.errorbar(
+            r["inner_steps"], mean, yerr=ci, capsize=2, marker="o", ms=3, label=f"K={shots}"
+        )
     ax.set_xlabel("inner gradient steps")
     ax.set_ylabel(evaluation["metric"])
     ax.set_title(f"{evaluation['num_tasks']} test tasks, 95% CI")

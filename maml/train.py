@@ -29,7 +29,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from maml import core
-from maml.models import MLP, functional
+from maml.models import FINN_KERNEL_INIT, LECUN_NORMAL, MLP, functional
 from maml.tasks.sinusoid import Sinusoid
 
 PyTree = Any
@@ -79,7 +79,8 @@ def build_model(config: ml_collections.ConfigDict, seed: int) -> tuple[Callable,
     """Builds ``config.model`` and returns it as ``(apply_fn, params)``."""
     rngs = nnx.Rngs(seed)
     if config.model == "mlp":
-        model = MLP((1, *config.hidden_sizes, 1), rngs=rngs)
+        init = FINN_KERNEL_INIT if config.get("init") == "finn" else LECUN_NORMAL
+        model = MLP((1, *config.hidden_sizes, 1), rngs=rngs, kernel_init=init)
     elif config.model == "convnet":
         from maml.models import ConvNet
 
@@ -179,8 +180,12 @@ def train_step(exp: Experiment, train_key: jax.Array, state: TrainState):
     loss, metrics, grads = meta_loss_and_grad(exp, state.params, episode)
     updates, opt_state = exp.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, **metrics, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, **metrics, "grad_norm": _global_norm(grads)}
     return state.replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
+
+
+def _global_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(tree)))
 
 
 def make_train_chunk(exp: Experiment, train_key: jax.Array):
@@ -202,8 +207,9 @@ def make_train_chunk(exp: Experiment, train_key: jax.Array):
 # --- Evaluation ------------------------------------------------------------------
 
 
-def adaptation_curve(exp: Experiment, params, task, key, *, num_tasks, inner_lr, num_inner_steps,
-                     batch_size):
+def adaptation_curve(
+    exp: Experiment, params, task, key, *, num_tasks, inner_lr, num_inner_steps, batch_size
+):
     """Query metric of ``num_tasks`` fresh tasks after 0..``num_inner_steps`` SGD steps.
 
     Returns:
@@ -307,8 +313,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     val_task = build_task(config, "validation") if config.get("eval_every", 0) else None
     train_chunk = make_train_chunk(exp, train_key)
-    bar = tqdm(total=config.num_steps, initial=start, unit="step", dynamic_ncols=True,
-               desc=f"{config.task}/{config.algorithm}")
+    bar = tqdm(
+        total=config.num_steps,
+        initial=start,
+        unit="step",
+        dynamic_ncols=True,
+        desc=f"{config.task}/{config.algorithm}",
+    )
     t0 = time.perf_counter()
     try:
         while int(state.step) < config.num_steps:
@@ -320,12 +331,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             state, metrics = train_chunk(state, num)
             metrics = jax.device_get(metrics)
             step += num
-            record = {"step": step, **{k: float(np.mean(v)) for k, v in metrics.items()},
-                      "wall_s": round(time.perf_counter() - t0, 3)}
+            record = {
+                "step": step,
+                **{k: float(np.mean(v)) for k, v in metrics.items()},
+                "wall_s": round(time.perf_counter() - t0, 3),
+            }
             if val_task is not None and step % config.eval_every == 0:
                 curve = adaptation_curve(
-                    exp, state.params, val_task, jax.random.fold_in(eval_key, step),
-                    num_tasks=config.num_val_tasks, inner_lr=config.inner_lr,
+                    exp,
+                    state.params,
+                    val_task,
+                    jax.random.fold_in(eval_key, step),
+                    num_tasks=config.num_val_tasks,
+                    inner_lr=config.inner_lr,
                     num_inner_steps=config.num_inner_steps,
                     batch_size=min(config.num_val_tasks, config.get("eval_batch_size", 100)),
                 )
@@ -335,8 +353,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             if step % config.checkpoint_every == 0 or step == config.num_steps:
                 manager.save(step, args=ocp.args.StandardSave(state))
             bar.update(num)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in record.items()
-                             if k not in ("step", "wall_s", "grad_norm")})
+            bar.set_postfix(
+                {
+                    k: f"{v:.4g}"
+                    for k, v in record.items()
+                    if k not in ("step", "wall_s", "grad_norm")
+                }
+            )
     except KeyboardInterrupt:
         # The state returned by the last dispatched chunk is whole once it is
         # computed; keep it so that no finished work is lost.
@@ -352,18 +375,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     plots.training_curves(_read_metrics(metrics_path), workdir / "plots" / "training.png")
     if isinstance(exp.task, Sinusoid):
         plots.sinusoid_adaptation(
-            exp, state.params, jax.random.fold_in(eval_key, 2**31 - 1),
+            exp,
+            state.params,
+            jax.random.fold_in(eval_key, 2**31 - 1),
             workdir / "plots" / "adaptation.png",
         )
     return state
 
 
-def restore_params(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[Experiment, PyTree, int]:
+def restore_params(
+    config: ml_collections.ConfigDict, workdir: str | Path
+) -> tuple[Experiment, PyTree, int]:
     """``(experiment, params, step)`` of the latest checkpoint in ``workdir``."""
     workdir = Path(workdir)
     exp = build_experiment(config, "test")
-    manager = checkpoint_manager(workdir)
-    state = restore_latest(manager, init_state(exp))
+    state = None
+    if (workdir / "checkpoints").is_dir():
+        state = restore_latest(checkpoint_manager(workdir), init_state(exp))
     if state is None:
         raise CheckpointError(
             f"no checkpoint in {workdir / 'checkpoints'}: train first with "

@@ -3,19 +3,40 @@
 import contextlib
 import sys
 
-from absl import flags, logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from maml.configs import ConfigError, validate
 
-config_flags.DEFINE_config_file("config", None, "Config file, optionally path:variant.",
-                                 lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "Config file, optionally path:variant.", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, plots.")
 
 
 def fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def _parse_flags(argv):
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        fail(_one_line(e))
+    except (AttributeError, KeyError) as e:
+        fail(f"unknown config field {e}: the config file lists the fields there are.")
+
+
+def _one_line(error: Exception) -> str:
+    # ml_collections' messages for a bad config file carry the file's own error last.
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
+
+
+def run(main) -> None:
+    """``absl.app.run`` with flag errors (bad --config, bad override) as exit status 2."""
+    app.run(main, flags_parser=_parse_flags)
 
 
 def checked_config():
@@ -30,6 +51,8 @@ def checked_config():
         validate(config)
     except ConfigError as e:
         fail(str(e))
+    except OSError as e:  # the config file itself could not be loaded
+        fail(_one_line(e))
     return config
 
 

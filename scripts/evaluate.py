@@ -7,9 +7,9 @@ steps, per K in config.eval_shots), prints it as a table, and saves
 WORKDIR/plots/eval.png.
 """
 
-from absl import app, flags
-
 import _common
+from absl import flags
+
 from maml import evaluate
 
 
@@ -22,4 +22,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _common.run(main)

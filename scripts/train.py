@@ -8,9 +8,9 @@ Re-running the same command resumes from the latest checkpoint in --workdir.
 Any config field can be overridden, e.g. --config.num_steps=1000.
 """
 
-from absl import app, flags
-
 import _common
+from absl import flags
+
 from maml import train
 
 
@@ -22,4 +22,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _common.run(main)

@@ -47,6 +47,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for name in ("inner_lr", "outer_lr", "eval_inner_lr", "imaml_lambda"):
         _check(config, name, lambda v: _is_number(v) and v > 0, "a positive number")
     _check(config, "algorithm", lambda v: v in ALGORITHMS, f"one of {', '.join(ALGORITHMS)}")
+    _check(config, "init", lambda v: v in ("lecun", "finn"), "one of lecun, finn")
     _check(config, "first_order", lambda v: isinstance(v, bool), "True or False")
     _check(
         config,
@@ -54,10 +55,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
         lambda v: len(v) > 0 and all(_is_int(k) and k > 0 for k in v),
         "a non-empty tuple of positive integers",
     )
-    _check(config, "rotate", lambda v: v in ("none", "per_class", "new_classes"),
-           "one of none, per_class, new_classes")
-    _check(config, "split_protocol", lambda v: v in ("finn", "background"),
-           "one of finn, background")
+    _check(
+        config,
+        "rotate",
+        lambda v: v in ("none", "per_class", "new_classes"),
+        "one of none, per_class, new_classes",
+    )
+    _check(
+        config, "split_protocol", lambda v: v in ("finn", "background"), "one of finn, background"
+    )
     for name, every in (("checkpoint_every", "log_every"), ("eval_every", "log_every")):
         if name in config and every in config and config[name] % config[every]:
             raise ConfigError(

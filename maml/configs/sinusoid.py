@@ -14,6 +14,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.task = "sinusoid"
     c.model = "mlp"
     c.hidden_sizes = (40, 40)
+    c.init = "lecun"  # or "finn": truncated normal, std 0.01, as in cbfinn/maml
     c.algorithm = "maml"
     c.num_steps = 70_000
     c.meta_batch_size = 25

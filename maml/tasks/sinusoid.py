@@ -40,9 +40,7 @@ class Sinusoid:
           and ``a, p`` of shape ``(num_tasks,)``.
         """
         k_amp, k_phase, k_x = jax.random.split(key, 3)
-        amplitude = jax.random.uniform(
-            k_amp, (num_tasks,), self.dtype, *self.amplitude_range
-        )
+        amplitude = jax.random.uniform(k_amp, (num_tasks,), self.dtype, *self.amplitude_range)
         phase = jax.random.uniform(k_phase, (num_tasks,), self.dtype, *self.phase_range)
         num_points = self.num_support + self.num_query
         x = jax.random.uniform(k_x, (num_tasks, num_points, 1), self.dtype, *self.input_range)

@@ -1,0 +1,105 @@
+"""The command-line scripts: invalid configs stop with one line and exit status 2."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from maml.configs import ConfigError, sinusoid, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "maml" / "configs" / "sinusoid.py")
+
+
+@pytest.mark.parametrize(
+    "field, value, allowed",
+    [
+        ("num_steps", 0, "positive integer"),
+        ("meta_batch_size", -3, "positive integer"),
+        ("num_support", 0, "positive integer"),
+        ("checkpoint_every", 0, "positive integer"),
+        ("log_every", 0, "positive integer"),
+        ("num_eval_tasks", 0, "positive integer"),
+        ("num_inner_steps", -1, "non-negative integer"),
+        ("eval_inner_steps", -2, "non-negative integer"),
+        ("inner_lr", 0.0, "positive number"),
+        ("outer_lr", -1e-3, "positive number"),
+        ("algorithm", "reptile", "one of maml, fomaml, imaml, pretrain"),
+        ("eval_shots", (), "non-empty tuple"),
+        ("init", "zeros", "one of lecun, finn"),
+    ],
+)
+def test_validate_names_field_value_and_what_is_allowed(field, value, allowed):
+    config = sinusoid.get_config()
+    config[field] = value
+    with pytest.raises(ConfigError) as e:
+        validate(config)
+    message = str(e.value)
+    assert f"config.{field}={value!r}" in message and allowed in message
+    assert "\n" not in message
+
+
+def test_default_configs_are_valid():
+    for variant in (None, "k5", "k20", "pretrain", "fomaml", "tiny"):
+        validate(sinusoid.get_config(variant))
+
+
+def test_checkpoint_every_must_be_a_multiple_of_log_every():
+    config = sinusoid.get_config()
+    config.checkpoint_every = 1500
+    with pytest.raises(ConfigError, match="multiple of config.log_every=1000"):
+        validate(config)
+
+
+def run(*args, cwd=ROOT):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("--config.meta_batch_size=0", "config.meta_batch_size=0 is invalid"),
+        ("--config.inner_lr=-0.5", "config.inner_lr=-0.5 is invalid"),
+        ("--config.algorithm=reptile", "config.algorithm='reptile' is invalid"),
+        ("--config.num_steps=abc", "--config.num_steps=abc"),
+        ("--config.no_such_field=1", "unknown config field"),
+    ],
+)
+def test_train_script_rejects_bad_values_before_compute(tmp_path, override, expected):
+    result = run(f"--config={CONFIG}", override, f"--workdir={tmp_path / 'w'}")
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "w").exists()  # stopped before doing anything
+
+
+def test_unknown_variant_and_missing_config_file(tmp_path):
+    for config in (f"{CONFIG}:no_such_variant", str(tmp_path / "missing.py")):
+        result = run(f"--config={config}", f"--workdir={tmp_path}")
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_evaluate_script_without_checkpoint(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "evaluate.py"),
+            f"--config={CONFIG}:tiny",
+            f"--workdir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "no checkpoint" in result.stderr and "Traceback" not in result.stderr

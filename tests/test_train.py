@@ -1,0 +1,109 @@
+"""Meta-training end to end on tiny configs: learning, resuming, evaluating."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from maml import evaluate, train
+from maml.configs import sinusoid
+
+
+def tiny(**overrides):
+    config = sinusoid.get_config("tiny")
+    config.update(overrides)
+    return config
+
+
+def test_training_lowers_post_adaptation_loss(tmp_path):
+    config = tiny(num_steps=300, log_every=100, checkpoint_every=300)
+    exp = train.build_experiment(config)
+    key = jax.random.key(123)
+    before = train.adaptation_curve(
+        exp,
+        exp.init_params,
+        exp.task,
+        key,
+        num_tasks=200,
+        inner_lr=config.inner_lr,
+        num_inner_steps=1,
+        batch_size=200,
+    )
+    state = train.train_and_evaluate(config, tmp_path)
+    after = train.adaptation_curve(
+        exp,
+        state.params,
+        exp.task,
+        key,
+        num_tasks=200,
+        inner_lr=config.inner_lr,
+        num_inner_steps=1,
+        batch_size=200,
+    )
+    assert after[1].mean() < 0.7 * before[1].mean()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [100, 200, 300]
+    assert (tmp_path / "plots" / "adaptation.png").stat().st_size > 0
+    assert (tmp_path / "plots" / "training.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("algorithm", ["fomaml", "pretrain"])
+def test_other_algorithms_train(tmp_path, algorithm):
+    state = train.train_and_evaluate(
+        tiny(num_steps=50, checkpoint_every=50, algorithm=algorithm), tmp_path
+    )
+    assert int(state.step) == 50
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state.params))
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full = train.train_and_evaluate(tiny(), tmp_path / "full")
+    # A run stopped at step 100 (its last checkpoint), then the same command again.
+    train.train_and_evaluate(tiny(num_steps=100), tmp_path / "resumed")
+    resumed = train.train_and_evaluate(tiny(), tmp_path / "resumed")
+    assert int(resumed.step) == int(full.step) == 200
+    jax.tree.map(np.testing.assert_array_equal, resumed.params, full.params)
+    jax.tree.map(np.testing.assert_array_equal, resumed.opt_state, full.opt_state)
+    log = lambda d: (tmp_path / d / "metrics.jsonl").read_text().splitlines()  # noqa: E731
+    strip = lambda lines: [{k: v for k, v in json.loads(s).items() if k != "wall_s"} for s in lines]  # noqa: E731
+    assert strip(log("full")) == strip(log("resumed"))
+
+
+def test_resume_drops_log_lines_past_the_checkpoint(tmp_path):
+    config = tiny(num_steps=100)
+    train.train_and_evaluate(config, tmp_path)
+    with (tmp_path / "metrics.jsonl").open("a") as f:  # a line the checkpoint never saw
+        f.write(json.dumps({"step": 150, "loss": 0.0}) + "\n")
+    train.train_and_evaluate(tiny(), tmp_path)
+    steps = [json.loads(s)["step"] for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [50, 100, 150, 200]
+
+
+def test_evaluate_writes_eval_json(tmp_path):
+    config = tiny(num_steps=50, checkpoint_every=50, eval_shots=(5, 10))
+    train.train_and_evaluate(config, tmp_path)
+    result = evaluate.evaluate(config, tmp_path)
+    on_disk = json.loads((tmp_path / "eval.json").read_text())
+    assert on_disk == result
+    assert result["metric"] == "mse" and result["num_tasks"] == config.num_eval_tasks
+    assert set(result["results"]) == {"5", "10"}
+    for r in result["results"].values():
+        assert r["inner_steps"] == [0, 1, 2]
+        assert len(r["mean"]) == len(r["ci95"]) == 3
+        assert all(c > 0 for c in r["ci95"])
+    assert "K=5" in evaluate.format_table(result)
+
+
+def test_evaluate_without_checkpoint_fails_clearly(tmp_path):
+    with pytest.raises(train.CheckpointError, match="no checkpoint"):
+        evaluate.evaluate(tiny(), tmp_path)
+
+
+def test_corrupt_checkpoint_fails_clearly(tmp_path):
+    train.train_and_evaluate(tiny(num_steps=50, checkpoint_every=50), tmp_path)
+    for f in (tmp_path / "checkpoints").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
+            f.write_bytes(b"garbage")
+    with pytest.raises(train.CheckpointError, match="corrupt"):
+        train.train_and_evaluate(tiny(), tmp_path)
