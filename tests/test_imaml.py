@@ -1,0 +1,168 @@
+"""Implicit MAML against its closed form on quadratics and against unrolled differentiation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.flatten_util import ravel_pytree
+
+from maml import MLP, functional, imaml
+
+
+@pytest.fixture(autouse=True)
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def quadratic_loss(phi, batch):
+    A, b = batch
+    return 0.5 * phi @ A @ phi - b @ phi
+
+
+def quadratic_task(n, seed):
+    """An SPD support quadratic and a query quadratic: ``((A_s, b_s), (A_q, b_q))``."""
+    keys = jax.random.split(jax.random.key(seed), 4)
+    a = jax.random.normal(keys[0], (n, n), jnp.float64)
+    A_s = a @ a.T / n + 0.1 * jnp.eye(n)
+    c = jax.random.normal(keys[1], (n, n), jnp.float64)
+    A_q = c @ c.T / n + 0.1 * jnp.eye(n)
+    b_s = jax.random.normal(keys[2], (n,), jnp.float64)
+    b_q = jax.random.normal(keys[3], (n,), jnp.float64)
+    return (A_s, b_s), (A_q, b_q)
+
+
+def closed_form(theta, support, query, lam):
+    """Exact ``phi*``, query loss and meta-gradient ``(I + A_s / lam)^{-1} grad L_q(phi*)``."""
+    (A_s, b_s), (A_q, b_q) = support, query
+    n = theta.size
+    phi = np.linalg.solve(A_s + lam * np.eye(n), b_s + lam * theta)
+    grad_query = A_q @ phi - b_q
+    meta_grad = np.linalg.solve(np.eye(n) + A_s / lam, grad_query)
+    return phi, quadratic_loss(phi, query), meta_grad
+
+
+def converged_kwargs(support, lam, num_cg_steps):
+    # Step size 1 / (L + lam) makes gradient descent contract by 1 - (mu + lam) / (L + lam).
+    L = float(np.linalg.eigvalsh(support[0]).max())
+    return dict(inner_lr=1.0 / (L + lam), num_inner_steps=500, lam=lam, num_cg_steps=num_cg_steps)
+
+
+@pytest.mark.parametrize("lam", [0.5, 2.0])
+def test_meta_gradient_matches_closed_form_on_quadratic(lam):
+    n = 6
+    support, query = quadratic_task(n, seed=0)
+    theta = jnp.linspace(-1.0, 1.0, n)
+    kwargs = converged_kwargs(support, lam, num_cg_steps=n)
+    loss, grad = jax.jit(
+        lambda t, s, q: imaml.imaml_loss_and_grad(quadratic_loss, t, s, q, **kwargs)
+    )(theta, support, query)
+    phi, expected_loss, expected_grad = closed_form(theta, support, query, lam)
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-10)
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-8, atol=1e-12)
+    # The implicit gradient is not the plain query gradient: the test can fail.
+    assert np.linalg.norm(expected_grad - (query[0] @ phi - query[1])) > 1e-2
+    # It is the true gradient of the meta-objective theta -> L_q(phi*(theta)).
+    exact = jax.grad(lambda t: closed_form_loss(t, support, query, lam))(theta)
+    np.testing.assert_allclose(grad, exact, rtol=1e-8, atol=1e-12)
+
+
+def closed_form_loss(theta, support, query, lam):
+    (A_s, b_s) = support
+    phi = jnp.linalg.solve(A_s + lam * jnp.eye(theta.size), b_s + lam * theta)
+    return quadratic_loss(phi, query)
+
+
+def test_adapt_proximal_converges_to_proximal_solution():
+    n, lam = 5, 1.0
+    support, query = quadratic_task(n, seed=1)
+    theta = jnp.ones(n)
+    kwargs = converged_kwargs(support, lam, num_cg_steps=n)
+    del kwargs["num_cg_steps"]
+    phi = imaml.adapt_proximal(quadratic_loss, theta, support, **kwargs)
+    np.testing.assert_allclose(phi, closed_form(theta, support, query, lam)[0], rtol=1e-10)
+    same = imaml.adapt_proximal(quadratic_loss, theta, support, **{**kwargs, "num_inner_steps": 0})
+    np.testing.assert_array_equal(same, theta)
+
+
+def test_too_few_cg_steps_are_inexact():
+    n, lam = 8, 0.3
+    support, query = quadratic_task(n, seed=2)
+    theta = jnp.zeros(n)
+    expected = closed_form(theta, support, query, lam)[2]
+    errors = []
+    for num_cg_steps in (1, n):
+        kwargs = converged_kwargs(support, lam, num_cg_steps)
+        _, grad = imaml.imaml_loss_and_grad(quadratic_loss, theta, support, query, **kwargs)
+        errors.append(np.linalg.norm(grad - expected) / np.linalg.norm(expected))
+    assert errors[0] > 1e-2
+    assert errors[1] < 1e-8
+
+
+def test_large_lam_gives_the_query_gradient_at_theta():
+    # lam -> infinity pins phi* to theta and (I + H / lam) to I.
+    n, lam = 5, 1e7
+    support, query = quadratic_task(n, seed=3)
+    theta = jnp.linspace(0.5, -0.5, n)
+    loss, grad = imaml.imaml_loss_and_grad(
+        quadratic_loss,
+        theta,
+        support,
+        query,
+        inner_lr=1e-8,
+        num_inner_steps=50,
+        lam=lam,
+        num_cg_steps=n,
+    )
+    np.testing.assert_allclose(loss, quadratic_loss(theta, query), rtol=1e-6)
+    # What is left is O(||A_s|| / lam).
+    np.testing.assert_allclose(grad, query[0] @ theta - query[1], rtol=1e-5, atol=1e-6)
+
+
+def mlp_task(seed):
+    apply_fn, params = functional(MLP((1, 8, 1), rngs=nnx.Rngs(seed), param_dtype=jnp.float64))
+    kx, kq = jax.random.split(jax.random.key(seed + 10))
+    xs = jax.random.uniform(kx, (10, 1), jnp.float64, -3.0, 3.0)
+    xq = jax.random.uniform(kq, (10, 1), jnp.float64, -3.0, 3.0)
+
+    def loss_fn(p, batch):
+        x, y = batch
+        return jnp.mean((apply_fn(p, x) - y) ** 2)
+
+    return loss_fn, params, (xs, jnp.sin(xs)), (xq, jnp.sin(xq))
+
+
+def test_matches_unrolled_gradient_on_mlp_when_converged():
+    # With the inner loop converged, differentiating through every inner step
+    # and the implicit function theorem give the same meta-gradient.
+    loss_fn, params, support, query = mlp_task(0)
+    kwargs = dict(inner_lr=0.05, num_inner_steps=600, lam=4.0)
+    _, grad = jax.jit(
+        lambda p: imaml.imaml_loss_and_grad(loss_fn, p, support, query, num_cg_steps=40, **kwargs)
+    )(params)
+
+    def unrolled(p):
+        return loss_fn(imaml.adapt_proximal(loss_fn, p, support, **kwargs), query)
+
+    expected = jax.jit(jax.grad(unrolled))(params)
+    flat, flat_expected = (ravel_pytree(t)[0] for t in (grad, expected))
+    assert jnp.linalg.norm(flat_expected) > 1e-3
+    np.testing.assert_allclose(flat, flat_expected, rtol=1e-6, atol=1e-9)
+
+
+def test_batched_is_the_mean_over_tasks():
+    n = 4
+    tasks = [quadratic_task(n, seed) for seed in range(3)]
+    support = jax.tree.map(lambda *xs: jnp.stack(xs), *[t[0] for t in tasks])
+    query = jax.tree.map(lambda *xs: jnp.stack(xs), *[t[1] for t in tasks])
+    theta = jnp.full(n, 0.2)
+    kwargs = dict(inner_lr=0.1, num_inner_steps=100, lam=1.0, num_cg_steps=n)
+    loss, grad = jax.jit(
+        lambda t, s, q: imaml.batched_imaml_loss_and_grad(quadratic_loss, t, s, q, **kwargs)
+    )(theta, support, query)
+    single = jax.jit(lambda s, q: imaml.imaml_loss_and_grad(quadratic_loss, theta, s, q, **kwargs))
+    singles = [single(s, q) for s, q in tasks]
+    np.testing.assert_allclose(loss, np.mean([s[0] for s in singles]), rtol=1e-12)
+    np.testing.assert_allclose(grad, np.mean([s[1] for s in singles], axis=0), rtol=1e-10)
+    assert np.ptp(np.stack([s[0] for s in singles])) > 1e-3
