@@ -216,15 +216,24 @@ def _check_episode(family, batch, idx, num_tasks):
             assert len(set(drawings.tolist())) == k + q  # support and query disjoint
     # Render the episode in numpy from the indices and compare.
     images = np.asarray(family.images)
-    x = np.concatenate([np.asarray(xs), np.asarray(xq)], axis=1)
+    x = images[idx["characters"][:, :, None], idx["drawings"]]  # (T, N, K+Q, H, W)
     for t in range(num_tasks):
         for c in range(n):
-            char, rot, label = (idx[f][t, c] for f in ("characters", "rotations", "labels"))
-            for j, d in enumerate(idx["drawings"][t, c]):
-                pos = c * k + j if j < k else n * k + c * q + (j - k)
-                expected = np.rot90(images[char, d], rot).astype(np.float32) / 255.0
-                np.testing.assert_allclose(x[t, pos, ..., 0], expected, atol=1e-6)
-                assert (ys[t, pos] if j < k else yq[t, pos - n * k]) == label
+            x[t, c] = np.rot90(x[t, c], idx["rotations"][t, c], axes=(-2, -1))
+    x = x.astype(np.float32)[..., None] / 255.0
+    size = x.shape[-2]
+    expected_s = x[:, :, :k].reshape(num_tasks, n * k, size, size, 1)
+    expected_q = x[:, :, k:].reshape(num_tasks, n * q, size, size, 1)
+    np.testing.assert_allclose(np.asarray(xs), expected_s, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(xq), expected_q, atol=1e-6)
+    np.testing.assert_array_equal(ys, np.repeat(idx["labels"], k, axis=1))
+    np.testing.assert_array_equal(yq, np.repeat(idx["labels"], q, axis=1))
+
+
+def _sample(family, key, num_tasks):
+    """``family.sample`` and ``family.sample_indices`` for the same key, jitted once."""
+    both = jax.jit(lambda k: (family.sample(k, num_tasks), family.sample_indices(k, num_tasks)))
+    return both(key)
 
 
 def test_episode_invariants_on_real_data(data, cache_dir):
@@ -234,15 +243,14 @@ def test_episode_invariants_on_real_data(data, cache_dir):
     family = omniglot.from_config(config, "train")
     assert family.images.shape == (1100, 20, 28, 28) and family.rotate == "per_class"
     key = jax.random.key(0)
-    batch = jax.jit(family.sample, static_argnums=1)(key, 8)
-    idx = family.sample_indices(key, 8)
+    batch, idx = _sample(family, key, 8)
     _check_episode(family, batch, idx, 8)
     assert np.asarray(idx["rotations"]).max() > 0  # per_class rotation draws rotations
     xs = np.asarray(batch["support"][0])
     assert xs.min() >= 0.0 and xs.max() <= 1.0
     assert xs.mean() < 0.3 and (xs == 0).mean() > 0.5  # background 0, ink sparse
     # Two keys give different tasks.
-    other = family.sample_indices(jax.random.key(1), 8)
+    _, other = _sample(family, jax.random.key(1), 8)
     assert not np.array_equal(idx["classes"], other["classes"])
 
 
@@ -252,8 +260,9 @@ def test_episode_invariants_synthetic(rotate):
     images = rng.integers(0, 256, (7, 20, 28, 28), dtype=np.uint8)
     family = omniglot.Omniglot(images, num_ways=5, num_shots=3, num_query=4, rotate=rotate)
     key = jax.random.key(3)
-    _check_episode(family, family.sample(key, 6), family.sample_indices(key, 6), 6)
-    rotations = np.asarray(family.sample_indices(key, 6)["rotations"])
+    batch, idx = _sample(family, key, 6)
+    _check_episode(family, batch, idx, 6)
+    rotations = np.asarray(idx["rotations"])
     if rotate == "none":
         assert np.all(rotations == 0)
 
@@ -265,8 +274,8 @@ def test_rotation_known_positions():
         _synthetic_images(3), num_ways=12, num_shots=1, num_query=1, rotate="new_classes"
     )
     assert family.num_classes == 12  # 3 characters x 4 rotations; 12-way needs all of them
-    idx = family.sample_indices(jax.random.key(0), 2)
-    xs = np.asarray(family.sample(jax.random.key(0), 2)["support"][0])
+    batch, idx = _sample(family, jax.random.key(0), 2)
+    xs = np.asarray(batch["support"][0])
     for t in range(2):
         assert sorted(np.asarray(idx["classes"][t]).tolist()) == list(range(12))
         for c in range(12):

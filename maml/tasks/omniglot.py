@@ -456,8 +456,10 @@ class Omniglot:
         idx = self.sample_indices(key, num_tasks)
         # (T, N, K+Q, H, W): gather on the device.
         x = self.images[idx["characters"][:, :, None], idx["drawings"]]
-        rotated = jnp.stack([jnp.rot90(x, r, axes=(-2, -1)) for r in range(4)])
-        x = jnp.take_along_axis(rotated, idx["rotations"][None, :, :, None, None, None], axis=0)[0]
+        if self.rotate != "none":
+            rotated = jnp.stack([jnp.rot90(x, r, axes=(-2, -1)) for r in range(4)])
+            r = idx["rotations"][None, :, :, None, None, None]
+            x = jnp.take_along_axis(rotated, r, axis=0)[0]
         x = x.astype(jnp.float32)[..., None] / 255.0
         size = x.shape[-2]
 
