@@ -1,0 +1,105 @@
+"""scripts/autodiff_examples.py reproduces the values of JAX's advanced-autodiff tutorial."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "autodiff_examples.py"
+
+
+@pytest.fixture(scope="module")
+def results():
+    """The script's ``--json`` output: stdout must be exactly one JSON object."""
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    return json.loads(completed.stdout)
+
+
+@pytest.fixture(scope="module")
+def script():
+    """The script as a module; importing it must not run anything."""
+    spec = importlib.util.spec_from_file_location("autodiff_examples", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_json_has_every_example(results):
+    assert set(results) == {
+        "derivatives",
+        "hessian",
+        "hvp_matches_hessian",
+        "meta_gradient",
+        "td_naive",
+        "td_stop_gradient",
+        "straight_through",
+        "per_example_grads",
+        "per_example_speedup",
+    }
+
+
+def test_higher_order_derivatives(results):
+    np.testing.assert_allclose(results["derivatives"], [4.0, 10.0, 6.0, 0.0])
+
+
+def test_hessian_of_dot_product(results):
+    np.testing.assert_allclose(results["hessian"], 2.0 * np.eye(3))
+
+
+def test_hvp_matches_dense_hessian(results):
+    h = results["hvp_matches_hessian"]
+    assert h["matches"] is True
+    assert h["max_abs_error"] < 1e-6
+    np.testing.assert_allclose(h["hvp"], 2.0 * np.asarray(h["v"]))
+    np.testing.assert_allclose(h["hvp"], h["hessian_times_v"])
+
+
+def test_meta_gradient_matches_finite_differences(results):
+    m = results["meta_gradient"]
+    assert m["relative_error"] < 1e-6
+    assert m["max_abs_diff_vs_tutorial_formula"] < 1e-12
+    assert m["meta_grad_norm"] > 0.0
+    np.testing.assert_allclose(m["meta_grad_first"], m["finite_difference_first"], atol=1e-6)
+
+
+def test_td_updates(results):
+    np.testing.assert_allclose(results["td_naive"], [-1.2, 1.2, -1.2], rtol=1e-6)
+    np.testing.assert_allclose(results["td_stop_gradient"], [1.2, 2.4, -1.2], rtol=1e-6)
+
+
+def test_straight_through_estimator(results):
+    assert results["straight_through"] == {
+        "f": 3.0,
+        "straight_through_f": 3.0,
+        "grad_f": 0.0,
+        "grad_straight_through_f": 1.0,
+    }
+
+
+def test_per_example_gradients(results):
+    np.testing.assert_allclose(results["per_example_grads"], [[1.2, 2.4, -1.2]] * 2, rtol=1e-6)
+
+
+def test_per_example_speedup_is_measured(results):
+    s = results["per_example_speedup"]
+    assert s["unjitted_s"] > 0.0 and s["jitted_s"] > 0.0
+    np.testing.assert_allclose(s["speedup"], s["unjitted_s"] / s["jitted_s"])
+    assert s["speedup"] > 0.0
+
+
+def test_functions_are_importable_and_agree(script):
+    np.testing.assert_allclose(script.derivatives(2.0), [17.0, 16.0, 6.0, 0.0])
+    np.testing.assert_allclose(script.td_examples()["td_stop_gradient"], [1.2, 2.4, -1.2])
+    assert script.straight_through_example(2.7)["f"] == 3.0
