@@ -1,0 +1,145 @@
+"""Tests for maml.ops (convolutions) and maml.models (MLP, ConvNet, functional)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from maml import ops
+from maml.core import batched_meta_loss
+from maml.models import MLP, BatchStatNorm, ConvNet, functional
+
+
+def _reference_conv(x, kernel, stride):
+    return jax.lax.conv_general_dilated(
+        x, kernel, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+@pytest.mark.parametrize("impl", ops.CONV_IMPLS)
+@pytest.mark.parametrize("size,stride", [(28, 2), (7, 2), (4, 2), (5, 1)])
+def test_conv_matches_lax_forward_and_gradient(x64, impl, size, stride):
+    kx, kw, kb, kc = jax.random.split(jax.random.key(size * 10 + stride), 4)
+    x = jax.random.normal(kx, (2, size, size, 3), jnp.float64)
+    kernel = jax.random.normal(kw, (3, 3, 3, 5), jnp.float64)
+    bias = jax.random.normal(kb, (5,), jnp.float64)
+    out_size = -(-size // stride)
+    cotangent = jax.random.normal(kc, (2, out_size, out_size, 5), jnp.float64)
+
+    def ours(x, kernel, bias):
+        return ops.conv2d(x, kernel, bias, stride=stride, impl=impl)
+
+    def reference(x, kernel, bias):
+        return _reference_conv(x, kernel, stride) + bias
+
+    y = ours(x, kernel, bias)
+    assert y.shape == (2, out_size, out_size, 5)
+    np.testing.assert_allclose(y, reference(x, kernel, bias), rtol=1e-12, atol=1e-12)
+    grads = jax.grad(lambda *a: jnp.vdot(ours(*a), cotangent), argnums=(0, 1, 2))(x, kernel, bias)
+    expected = jax.grad(lambda *a: jnp.vdot(reference(*a), cotangent), argnums=(0, 1, 2))(
+        x, kernel, bias
+    )
+    for g, e in zip(grads, expected, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-12)
+
+
+def test_same_padding_is_asymmetric_like_lax():
+    # 28 -> 14 needs one pad row in total, and lax puts it at the end.
+    assert ops.same_padding(28, 3, 2) == (0, 1)
+    assert ops.same_padding(7, 3, 2) == (1, 1)
+    assert ops.same_padding(7, 3, 1) == (1, 1)
+
+
+def test_conv_rejects_unknown_impl():
+    with pytest.raises(ValueError, match="impl"):
+        ops.conv2d(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 2)), impl="winograd")
+
+
+def test_convnet_shapes_and_param_names():
+    model = ConvNet(7, rngs=nnx.Rngs(0), channels=8)
+    apply_fn, params = functional(model)
+    assert apply_fn(params, jnp.zeros((3, 28, 28, 1))).shape == (3, 7)
+    assert sorted(params) == ["blocks", "head"]
+    assert len(params["blocks"]) == 4
+    block = params["blocks"][0]
+    assert block["conv"]["kernel"].shape == (3, 3, 1, 8)
+    assert set(block["norm"]) == {"scale", "bias"}
+    assert params["blocks"][3]["conv"]["kernel"].shape == (3, 3, 8, 8)
+    assert params["head"]["kernel"].shape == (8, 7)
+    # Only Params: nothing besides them to carry through the algorithm.
+    assert len(nnx.state(model, nnx.Not(nnx.Param))) == 0
+
+
+def test_batchnorm_uses_the_batch_statistics():
+    x = jax.random.normal(jax.random.key(0), (6, 5, 5, 4)) * 3.0 + 2.0
+    y = BatchStatNorm(4)(x)
+    np.testing.assert_allclose(jnp.mean(y, axis=(0, 1, 2)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(jnp.var(y, axis=(0, 1, 2)), 1.0, rtol=1e-3)
+
+    apply_fn, params = functional(ConvNet(5, rngs=nnx.Rngs(1), channels=8))
+    batch = jax.random.normal(jax.random.key(2), (4, 28, 28, 1))
+    changed = batch.at[1:].multiply(5.0)
+    # Same first example, different batch mates: transductive BN changes its logits.
+    out, out_changed = apply_fn(params, batch), apply_fn(params, changed)
+    assert not np.allclose(out[0], out_changed[0], atol=1e-4)
+
+
+def _conv_meta_grad(conv_impl, *, num_inner_steps):
+    model = ConvNet(
+        3, rngs=nnx.Rngs(0), channels=4, num_blocks=2, param_dtype=jnp.float64, conv_impl=conv_impl
+    )
+    apply_fn, params = functional(model)
+
+    def loss_fn(p, batch):
+        x, y = batch
+        return optax.softmax_cross_entropy_with_integer_labels(apply_fn(p, x), y).mean()
+
+    kx, kq = jax.random.split(jax.random.key(3))
+    support = (
+        jax.random.normal(kx, (2, 3, 12, 12, 1), jnp.float64),
+        jnp.tile(jnp.arange(3), (2, 1)),
+    )
+    query = (jax.random.normal(kq, (2, 6, 12, 12, 1), jnp.float64), jnp.tile(jnp.arange(3), (2, 2)))
+
+    @jax.jit
+    def meta_value_and_grad(p):
+        return jax.value_and_grad(batched_meta_loss, argnums=1)(
+            loss_fn, p, support, query, inner_lr=0.4, num_inner_steps=num_inner_steps
+        )
+
+    return params, meta_value_and_grad
+
+
+def test_convnet_meta_gradient_same_for_patches_and_lax(x64):
+    params, patches_fn = _conv_meta_grad("patches", num_inner_steps=2)
+    _, lax_fn = _conv_meta_grad("lax", num_inner_steps=2)
+    value, grads = patches_fn(params)
+    expected_value, expected_grads = lax_fn(params)
+    assert grads["blocks"][1]["conv"]["kernel"].dtype == jnp.float64
+    np.testing.assert_allclose(value, expected_value, rtol=1e-10)
+    jax.tree.map(
+        lambda g, e: np.testing.assert_allclose(g, e, rtol=1e-8, atol=1e-10), grads, expected_grads
+    )
+
+
+def test_convnet_rejects_unknown_conv_impl():
+    with pytest.raises(ValueError, match="conv_impl"):
+        ConvNet(5, rngs=nnx.Rngs(0), conv_impl="winograd")
+
+
+@pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.float64])
+def test_mlp_functional_shapes_and_dtype(x64, param_dtype):
+    apply_fn, params = functional(MLP((1, 40, 40, 1), rngs=nnx.Rngs(0), param_dtype=param_dtype))
+    leaves = jax.tree.leaves(params)
+    assert len(leaves) == 6
+    assert all(leaf.dtype == param_dtype for leaf in leaves)
+    assert params["layers"][0]["kernel"].shape == (1, 40)
+    out = apply_fn(params, jnp.ones((10, 1), param_dtype))
+    assert out.shape == (10, 1)
+    assert out.dtype == param_dtype
+    batched = jax.jit(jax.vmap(apply_fn, in_axes=(None, 0)))(
+        params, jnp.ones((3, 10, 1), param_dtype)
+    )
+    assert batched.shape == (3, 10, 1)
