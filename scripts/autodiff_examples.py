@@ -23,7 +23,7 @@ from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 from maml import MLP, functional, meta_loss
-from maml.second_order import hvp
+from maml.second_order import HVP_MODES, hvp
 
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object with every result, nothing else.")
 
@@ -71,7 +71,7 @@ def hvp_example() -> dict[str, Any]:
     x = jnp.array([1.0, 2.0, 3.0])
     v = jnp.array([1.0, -1.0, 0.5])
     dense = jax.jacfwd(jax.grad(dot_self))(x) @ v
-    products = {mode: hvp(dot_self, x, v, mode=mode) for mode in _HVP_MODES}
+    products = {mode: hvp(dot_self, x, v, mode=mode) for mode in HVP_MODES}
     error = max(float(jnp.max(jnp.abs(p - dense))) for p in products.values())
     return {
         "v": np.asarray(v).tolist(),
@@ -80,9 +80,6 @@ def hvp_example() -> dict[str, Any]:
         "max_abs_error": error,
         "matches": error <= 1e-6,
     }
-
-
-_HVP_MODES = ("forward_over_reverse", "reverse_over_reverse", "reverse_over_forward")
 
 
 def meta_gradient_example(*, inner_lr: float = 0.01, seed: int = 0) -> dict[str, Any]:

@@ -9,11 +9,8 @@ from jax.flatten_util import ravel_pytree
 
 from maml import MLP, functional, imaml
 
-
-@pytest.fixture(autouse=True)
-def x64():
-    with jax.enable_x64(True):
-        yield
+# Every test runs in float64 (conftest's x64 fixture restores the flag after).
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 def quadratic_loss(phi, batch):

@@ -10,11 +10,8 @@ from jax.flatten_util import ravel_pytree
 from maml import MLP, functional, meta_loss
 from maml import second_order as so
 
-
-@pytest.fixture(autouse=True)
-def x64():
-    with jax.enable_x64(True):
-        yield
+# Every test runs in float64 (conftest's x64 fixture restores the flag after).
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 def mlp_problem(sizes=(2, 6, 1), seed=0):
