@@ -29,6 +29,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from maml import core
+from maml.configs import ConfigError
 from maml.models import FINN_KERNEL_INIT, LECUN_NORMAL, MLP, functional
 from maml.tasks.sinusoid import Sinusoid
 
@@ -53,6 +54,7 @@ class Experiment:
     init_params: PyTree
     task: Any
     optimizer: optax.GradientTransformation
+    mesh: jax.sharding.Mesh
 
     def loss_fn(self, params: PyTree, batch) -> jax.Array:
         """``loss_fn(params, (x, y)) -> scalar``, the loss MAML adapts with."""
@@ -101,6 +103,21 @@ def build_task(config: ml_collections.ConfigDict, split: str):
     raise ValueError(f"unknown task {config.task!r}")
 
 
+def task_mesh(meta_batch_size: int) -> jax.sharding.Mesh:
+    """A one-axis mesh ("tasks") over every device of every process.
+
+    The meta-batch is data-parallel: each device adapts its share of the
+    tasks and XLA reduces the meta-gradient across devices.
+    """
+    devices = jax.devices()
+    if meta_batch_size % len(devices):
+        raise ConfigError(
+            f"config.meta_batch_size={meta_batch_size} is invalid: it must be a multiple of "
+            f"the {len(devices)} devices it is sharded over."
+        )
+    return jax.sharding.Mesh(np.array(devices), ("tasks",))
+
+
 def build_experiment(config: ml_collections.ConfigDict, split: str = "train") -> Experiment:
     apply_fn, params = build_model(config, config.seed)
     return Experiment(
@@ -109,12 +126,15 @@ def build_experiment(config: ml_collections.ConfigDict, split: str = "train") ->
         init_params=params,
         task=build_task(config, split),
         optimizer=optax.adam(config.outer_lr),
+        mesh=task_mesh(config.meta_batch_size),
     )
 
 
 def init_state(exp: Experiment) -> TrainState:
+    """The initial train state, replicated over ``exp.mesh``."""
     params = exp.init_params
-    return TrainState(params=params, opt_state=exp.optimizer.init(params), step=jnp.array(0))
+    state = TrainState(params=params, opt_state=exp.optimizer.init(params), step=jnp.array(0))
+    return jax.device_put(state, jax.sharding.NamedSharding(exp.mesh, jax.sharding.PartitionSpec()))
 
 
 def root_keys(seed: int) -> tuple[jax.Array, jax.Array]:
@@ -177,6 +197,9 @@ def train_step(exp: Experiment, train_key: jax.Array, state: TrainState):
     """One meta-step; ``(new_state, metrics)``, with the episode sampled on the device."""
     key = jax.random.fold_in(train_key, state.step)
     episode = exp.task.sample(key, exp.config.meta_batch_size)
+    # Every leaf of an episode leads with the task axis: split it over devices.
+    tasks = jax.sharding.NamedSharding(exp.mesh, jax.sharding.PartitionSpec("tasks"))
+    episode = jax.lax.with_sharding_constraint(episode, tasks)
     loss, metrics, grads = meta_loss_and_grad(exp, state.params, episode)
     updates, opt_state = exp.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -242,6 +265,8 @@ def summarize(values: np.ndarray) -> dict:
     return {
         "mean": values.mean(-1).tolist(),
         "ci95": (1.96 * values.std(-1) / np.sqrt(n)).tolist(),
+        # A few diverging tasks can swamp the mean; the median shows the typical task.
+        "median": np.median(values, -1).tolist(),
     }
 
 
@@ -295,10 +320,13 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
     """Meta-trains ``config`` in ``workdir``, resuming from its latest checkpoint."""
     workdir = Path(workdir)
-    (workdir / "plots").mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-
+    # With several processes (jax.distributed), all of them train and save
+    # checkpoints together; only the first writes logs and plots.
+    is_main = jax.process_index() == 0
     exp = build_experiment(config, "train")
+    (workdir / "plots").mkdir(parents=True, exist_ok=True)
+    if is_main:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     train_key, eval_key = root_keys(config.seed)
     manager = checkpoint_manager(workdir)
     state = init_state(exp)
@@ -306,8 +334,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     metrics_path = workdir / "metrics.jsonl"
     if restored is not None:
         state = restored
-        _truncate_metrics(metrics_path, int(state.step))
-    elif metrics_path.exists():
+        if is_main:
+            _truncate_metrics(metrics_path, int(state.step))
+    elif is_main and metrics_path.exists():
         metrics_path.unlink()
     start = int(state.step)
 
@@ -319,6 +348,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         unit="step",
         dynamic_ncols=True,
         desc=f"{config.task}/{config.algorithm}",
+        disable=not is_main,
     )
     t0 = time.perf_counter()
     try:
@@ -343,13 +373,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                     val_task,
                     jax.random.fold_in(eval_key, step),
                     num_tasks=config.num_val_tasks,
-                    inner_lr=config.inner_lr,
-                    num_inner_steps=config.num_inner_steps,
+                    inner_lr=config.get("eval_inner_lr", config.inner_lr),
+                    num_inner_steps=config.get("eval_report_step", config.num_inner_steps),
                     batch_size=min(config.num_val_tasks, config.get("eval_batch_size", 100)),
                 )
                 record[f"val_{val_task.metric}"] = float(curve[-1].mean())
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            if is_main:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
             if step % config.checkpoint_every == 0 or step == config.num_steps:
                 manager.save(step, args=ocp.args.StandardSave(state))
             bar.update(num)
@@ -369,6 +400,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         raise
     manager.wait_until_finished()
     bar.close()
+    if not is_main:
+        return state
 
     from maml import plots
 

@@ -61,7 +61,7 @@ def user_errors():
     """Errors a user can cause (missing data, bad checkpoint) end in one line and exit 2."""
     from maml.train import CheckpointError
 
-    errors = (CheckpointError, FileNotFoundError)
+    errors = (CheckpointError, ConfigError, FileNotFoundError)
     try:
         from maml.tasks.omniglot import DatasetNotFoundError
 

@@ -7,10 +7,11 @@ steps, per K in config.eval_shots), prints it as a table, and saves
 WORKDIR/plots/eval.png.
 """
 
-import _common
 from absl import flags
 
 from maml import evaluate
+
+import _common
 
 
 def main(argv):

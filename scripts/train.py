@@ -8,15 +8,27 @@ Re-running the same command resumes from the latest checkpoint in --workdir.
 Any config field can be overridden, e.g. --config.num_steps=1000.
 """
 
-import _common
 from absl import flags
 
 from maml import train
+
+import _common
+
+flags.DEFINE_bool(
+    "multihost",
+    False,
+    "Call jax.distributed.initialize() first: one process per host, all devices of all "
+    "hosts in one mesh (coordinator and ranks from the cluster environment).",
+)
 
 
 def main(argv):
     del argv
     config = _common.checked_config()
+    if flags.FLAGS.multihost:
+        import jax
+
+        jax.distributed.initialize()
     with _common.user_errors():
         train.train_and_evaluate(config, flags.FLAGS.workdir)
 

@@ -42,7 +42,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "imaml_cg_steps",
     ):
         _check(config, name, lambda v: _is_int(v) and v > 0, "a positive integer")
-    for name in ("num_inner_steps", "eval_inner_steps", "eval_every", "seed"):
+    for name in ("num_inner_steps", "eval_inner_steps", "eval_every", "seed", "eval_report_step"):
         _check(config, name, lambda v: _is_int(v) and v >= 0, "a non-negative integer")
     for name in ("inner_lr", "outer_lr", "eval_inner_lr", "imaml_lambda"):
         _check(config, name, lambda v: _is_number(v) and v > 0, "a positive number")
@@ -64,6 +64,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(
         config, "split_protocol", lambda v: v in ("finn", "background"), "one of finn, background"
     )
+    if "eval_report_step" in config and config.eval_report_step > config.eval_inner_steps:
+        raise ConfigError(
+            f"config.eval_report_step={config.eval_report_step!r} is invalid: it must be at "
+            f"most config.eval_inner_steps={config.eval_inner_steps!r}."
+        )
+    if config.get("task") == "omniglot" and config.num_shots + config.num_query > 20:
+        raise ConfigError(
+            f"config.num_shots + config.num_query = {config.num_shots + config.num_query} is "
+            "invalid: Omniglot has 20 drawings per character, so it must be at most 20."
+        )
     for name, every in (("checkpoint_every", "log_every"), ("eval_every", "log_every")):
         if name in config and every in config and config[name] % config[every]:
             raise ConfigError(
