@@ -75,8 +75,8 @@ def test_meta_gradient_matches_finite_differences(results):
 
 
 def test_td_updates(results):
-    np.testing.assert_allclose(results["td_naive"], [-1.2, 1.2, -1.2], rtol=1e-6)
-    np.testing.assert_allclose(results["td_stop_gradient"], [1.2, 2.4, -1.2], rtol=1e-6)
+    np.testing.assert_allclose(results["td_naive"], [2.4, -2.4, 2.4], rtol=1e-6)
+    np.testing.assert_allclose(results["td_stop_gradient"], [-2.4, -4.8, 2.4], rtol=1e-6)
 
 
 def test_straight_through_estimator(results):
@@ -89,7 +89,7 @@ def test_straight_through_estimator(results):
 
 
 def test_per_example_gradients(results):
-    np.testing.assert_allclose(results["per_example_grads"], [[1.2, 2.4, -1.2]] * 2, rtol=1e-6)
+    np.testing.assert_allclose(results["per_example_grads"], [[-2.4, -4.8, 2.4]] * 2, rtol=1e-6)
 
 
 def test_per_example_speedup_is_measured(results):
@@ -101,5 +101,5 @@ def test_per_example_speedup_is_measured(results):
 
 def test_functions_are_importable_and_agree(script):
     np.testing.assert_allclose(script.derivatives(2.0), [17.0, 16.0, 6.0, 0.0])
-    np.testing.assert_allclose(script.td_examples()["td_stop_gradient"], [1.2, 2.4, -1.2])
+    np.testing.assert_allclose(script.td_examples()["td_stop_gradient"], [-2.4, -4.8, 2.4])
     assert script.straight_through_example(2.7)["f"] == 3.0
