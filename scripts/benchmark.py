@@ -1,0 +1,228 @@
+"""Times the real jitted meta-training step on Omniglot episode shapes.
+
+Same flags and model as the PyTorch peer (../shared/bench/peer_torchfunc.py):
+
+    python scripts/benchmark.py --n-way 5 --k-spt 1 --k-qry 15 --task-num 32 --inner-steps 1
+    python scripts/benchmark.py ... --compare-peer /tmp/peer/bin/python
+
+It times ``maml.train``'s own training chunk (episodes sampled on the device
+from a resident image bank, second-order meta-gradient, Adam update, donated
+state) over ``--steps`` meta-steps per device call, and prints one JSON line:
+``tasks_per_s``, ``s_per_step``, ``compile_s``, memory, the device. With
+``--compare-peer PYTHON`` it runs the peer with that interpreter in the same
+invocation, alternating ours and theirs ``--rounds`` times, and adds the
+peer's figures and the ratio of the medians.
+
+The image bank is random uint8 data of Omniglot's shape (1100 classes x 20
+drawings x 28 x 28) unless ``--data_dir`` points at the prepared dataset: the
+step's computation is the same either way, as it is for the peer's random
+tensors.
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from maml import train
+from maml.configs import omniglot as omniglot_config
+from maml.tasks.omniglot import Omniglot
+
+ROOT = Path(__file__).resolve().parents[1]
+PEER = ROOT.parent / "shared" / "bench" / "peer_torchfunc.py"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n-way", type=int, default=5)
+    p.add_argument("--k-spt", type=int, default=1)
+    p.add_argument("--k-qry", type=int, default=15)
+    p.add_argument("--task-num", type=int, default=32)
+    p.add_argument("--inner-steps", type=int, default=1)
+    p.add_argument("--inner-lr", type=float, default=0.4)
+    p.add_argument("--steps", type=int, default=20, help="meta-steps per timed device call")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls after compiling")
+    p.add_argument("--rounds", type=int, default=3, help="timed calls (and peer runs)")
+    p.add_argument("--first-order", action="store_true")
+    p.add_argument("--algorithm", default="maml", choices=("maml", "fomaml", "imaml"))
+    p.add_argument("--remat", action="store_true", help="rematerialise the inner steps")
+    p.add_argument("--conv-impl", default="patches")
+    p.add_argument("--data-dir", default="", help="use the real Omniglot images")
+    p.add_argument(
+        "--compare-peer",
+        metavar="PYTHON",
+        default="",
+        help="interpreter with torch to run the peer with, interleaved",
+    )
+    p.add_argument("--peer-script", default=str(PEER))
+    p.add_argument("--peer-steps", type=int, default=0, help="peer steps (default --steps)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    for name in ("n_way", "k_spt", "k_qry", "task_num", "steps", "rounds"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    if args.inner_steps < 0 or args.warmup < 0:
+        p.error("--inner-steps and --warmup must be >= 0")
+    return args
+
+
+def make_config(args):
+    config = omniglot_config.get_config()
+    config.unlock()
+    config.update(
+        num_ways=args.n_way,
+        num_shots=args.k_spt,
+        num_query=args.k_qry,
+        meta_batch_size=args.task_num,
+        num_inner_steps=args.inner_steps,
+        inner_lr=args.inner_lr,
+        first_order=args.first_order,
+        algorithm=args.algorithm,
+        remat=args.remat,
+        conv_impl=args.conv_impl,
+        seed=args.seed,
+        data_dir=args.data_dir,
+    )
+    return config
+
+
+def build(args):
+    config = make_config(args)
+    if args.data_dir:
+        return train.build_experiment(config, "train")
+    apply_fn, params = train.build_model(config, config.seed)
+    rng = np.random.default_rng(args.seed)
+    images = jnp.asarray(rng.integers(0, 256, (1100, 20, 28, 28), dtype=np.uint8))
+    task = Omniglot(
+        images=images,
+        num_ways=args.n_way,
+        num_shots=args.k_spt,
+        num_query=args.k_qry,
+        rotate=config.rotate,
+    )
+    import optax
+
+    return train.Experiment(
+        config=config,
+        apply_fn=apply_fn,
+        init_params=params,
+        task=task,
+        optimizer=optax.adam(config.outer_lr),
+        mesh=train.task_mesh(config.meta_batch_size),
+    )
+
+
+def device_peak_bytes():
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def time_ours(args):
+    """Compiles, warms up, and times ``rounds`` device calls of ``steps`` meta-steps."""
+    exp = build(args)
+    train_key, _ = train.root_keys(args.seed)
+    chunk = train.make_train_chunk(exp, train_key)
+    state = train.init_state(exp)
+    t0 = time.perf_counter()
+    compiled = chunk.lower(state, args.steps).compile()
+    compile_s = time.perf_counter() - t0
+    memory = compiled.memory_analysis()
+    for _ in range(args.warmup):
+        state, metrics = chunk(state, args.steps)
+    jax.block_until_ready(state)
+
+    def timed():
+        nonlocal state
+        t = time.perf_counter()
+        state, metrics = chunk(state, args.steps)
+        jax.block_until_ready((state, metrics))
+        loss = float(metrics["loss"][-1])
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"meta-loss became {loss}")
+        return time.perf_counter() - t
+
+    result = {
+        "impl": "maml-jax",
+        "device": str(jax.devices()[0].device_kind),
+        "platform": jax.default_backend(),
+        "num_devices": jax.device_count(),
+        "compile_s": compile_s,
+        "temp_mib": memory.temp_size_in_bytes / 2**20 if memory is not None else None,
+    }
+    return result, timed
+
+
+def run_peer(args):
+    steps = args.peer_steps or args.steps
+    device = "cuda" if jax.default_backend() == "gpu" else "cpu"
+    cmd = [
+        args.compare_peer,
+        args.peer_script,
+        "--device",
+        device,
+        "--n-way",
+        str(args.n_way),
+        "--k-spt",
+        str(args.k_spt),
+        "--k-qry",
+        str(args.k_qry),
+        "--task-num",
+        str(args.task_num),
+        "--inner-steps",
+        str(args.inner_steps),
+        "--inner-lr",
+        str(args.inner_lr),
+        "--steps",
+        str(steps),
+        "--warmup",
+        str(max(args.warmup, 1)),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.compare_peer and args.first_order or args.algorithm != "maml" and args.compare_peer:
+        print("error: the peer runs second-order MAML only; drop --compare-peer", file=sys.stderr)
+        sys.exit(2)
+    result, timed = time_ours(args)
+    ours, peers = [], []
+    for _ in range(args.rounds):
+        ours.append(timed())
+        if args.compare_peer:
+            peers.append(run_peer(args))
+    s_per_step = statistics.median(ours) / args.steps
+    result.update(
+        n_way=args.n_way,
+        k_spt=args.k_spt,
+        k_qry=args.k_qry,
+        task_num=args.task_num,
+        inner_steps=args.inner_steps,
+        algorithm="fomaml" if args.first_order else args.algorithm,
+        remat=args.remat,
+        conv_impl=args.conv_impl,
+        steps=args.steps,
+        s_per_step=s_per_step,
+        tasks_per_s=args.task_num / s_per_step,
+        peak_mem_mib=(device_peak_bytes() or 0) / 2**20 or None,
+    )
+    if peers:
+        peer_tps = statistics.median(p["tasks_per_s"] for p in peers)
+        result.update(
+            peer_tasks_per_s=peer_tps,
+            peer_peak_mem_mib=peers[-1].get("peak_mem_mib"),
+            speedup_vs_peer=result["tasks_per_s"] / peer_tps,
+        )
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""The README's example runs as written, and its two commands are the ones CI relies on."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def test_api_example_runs():
+    blocks = re.findall(r"```python\n(.*?)```", README, re.S)
+    assert blocks
+    namespace = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    assert namespace["loss"].shape == ()
+    assert set(namespace["meta_grad"]) == set(namespace["params"])
+
+
+def test_readme_opens_with_the_two_commands():
+    commands = re.findall(r"^    (python3 .*)$", README, re.M)[:2]
+    assert "scripts/train.py --config=maml/configs/sinusoid.py" in commands[0]
+    assert "pytest" in commands[1]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "pip install" in ci and "pytest" in ci
