@@ -1,0 +1,181 @@
+"""Lake et al.'s (2015) 20 within-alphabet 20-way one-shot runs, as a MAML evaluation.
+
+Each run is one fixed 20-way 1-shot task drawn from the evaluation alphabets:
+20 training images (one per class, labels 0..19) and 20 test images of the
+same 20 characters. ``evaluate_runs`` adapts a 20-way model on each run's
+training images (the support set) and classifies its test images (the query
+set, one batch, so transductive BatchNorm sees the 20 test images together,
+as in meta-training), after 0..``num_inner_steps`` inner SGD steps; the error
+rate is over the 400 test items of all runs. ``PUBLISHED_ERROR`` holds the
+numbers Lake et al. report for the same 20 runs.
+
+The runs themselves are read by ``maml.tasks.omniglot.load_one_shot_runs``;
+this module is pure evaluation logic.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from maml import core
+
+PyTree = Any
+
+NUM_WAYS = 20
+# Error rates on the 20 runs (Lake, Salakhutdinov & Tenenbaum 2015, Science 350:1332).
+PUBLISHED_ERROR = {"people": 0.045, "Bayesian Program Learning": 0.033}
+PUBLISHED_SOURCE = "Lake, Salakhutdinov & Tenenbaum (2015), Science 350(6266):1332-1338"
+
+
+def item_errors(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-item 0/1 errors: ``(..., N)`` logits and ``(...)`` integer labels to ``(...)`` float32.
+
+    An item counts as wrong unless its label has the strictly largest logit
+    (``argmax`` picks the first of tied maxima).
+    """
+    return (jnp.argmax(logits, axis=-1) != labels).astype(jnp.float32)
+
+
+def stack_runs(runs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The runs of ``load_one_shot_runs`` stacked along a leading run axis.
+
+    Returns:
+      ``{"support": (R, 20, H, W, 1), "support_labels": (R, 20), "query": (R, 20, H, W, 1),
+      "query_labels": (R, 20)}``.
+    """
+    if not runs:
+        raise ValueError("no one-shot runs to evaluate")
+    keys = ("support", "support_labels", "query", "query_labels")
+    return {k: np.stack([np.asarray(run[k]) for run in runs]) for k in keys}
+
+
+def run_errors(
+    loss_fn: core.LossFn,
+    apply_fn,
+    params: PyTree,
+    support: tuple[jax.Array, jax.Array],
+    query: tuple[jax.Array, jax.Array],
+    *,
+    inner_lr: float | PyTree,
+    num_inner_steps: int,
+) -> jax.Array:
+    """Per-item errors of a batch of runs after 0..``num_inner_steps`` inner steps.
+
+    Args:
+      loss_fn: ``loss_fn(params, (x, y)) -> scalar``, the loss adapted with.
+      apply_fn: ``apply_fn(params, x) -> (B, N)`` logits.
+      params: the meta-learned parameters.
+      support: ``(x, y)``, ``(R, S, H, W, C)`` images and ``(R, S)`` labels.
+      query: ``(x, y)``, ``(R, Q, H, W, C)`` images and ``(R, Q)`` labels; each
+        run's ``Q`` images are one batch through ``apply_fn``.
+      inner_lr: a scalar or a per-leaf pytree, as for ``core.adapt``.
+      num_inner_steps: the largest number of inner steps evaluated.
+
+    Returns:
+      ``(num_inner_steps + 1, R, Q)`` float32, 1 where an item is misclassified.
+    """
+
+    def one_run(support, query):
+        def step(p, _):
+            errors = item_errors(apply_fn(p, query[0]), query[1])
+            p = core.adapt(loss_fn, p, support, inner_lr=inner_lr, num_inner_steps=1)
+            return p, errors
+
+        adapted, errors = jax.lax.scan(step, params, length=num_inner_steps)
+        last = item_errors(apply_fn(adapted, query[0]), query[1])
+        return jnp.concatenate([errors, last[None]])
+
+    return jax.vmap(one_run, out_axes=1)(support, query)
+
+
+def evaluate_runs(
+    exp,
+    params: PyTree,
+    runs: list[dict[str, np.ndarray]],
+    *,
+    inner_lr: float | PyTree,
+    num_inner_steps: int,
+) -> dict:
+    """Evaluates ``params`` of a 20-way experiment on Lake et al.'s one-shot runs.
+
+    Args:
+      exp: a ``maml.train.Experiment`` (its ``loss_fn`` and ``apply_fn`` are used);
+        the model must have 20 outputs.
+      params: the parameters to adapt, e.g. from ``maml.train.restore_params``.
+      runs: ``maml.tasks.omniglot.load_one_shot_runs(path)``.
+      inner_lr: inner learning rate, a scalar or a per-leaf pytree.
+      num_inner_steps: errors are reported after each of 0..``num_inner_steps`` steps.
+
+    Returns:
+      ``{"inner_steps": [0..n], "error": [overall error rate per step],
+      "num_runs": R, "num_items": R * 20, "runs": {name: [error rate per step]},
+      "published": PUBLISHED_ERROR, "published_source": ...}``.
+    """
+    stacked = stack_runs(runs)
+    num_outputs = jax.eval_shape(exp.apply_fn, params, stacked["query"][0]).shape[-1]
+    if num_outputs != NUM_WAYS:
+        raise ValueError(
+            f"the one-shot runs are {NUM_WAYS}-way, but the model has {num_outputs} outputs"
+        )
+
+    @jax.jit
+    def errors(params, support, query):
+        return run_errors(
+            exp.loss_fn,
+            exp.apply_fn,
+            params,
+            support,
+            query,
+            inner_lr=inner_lr,
+            num_inner_steps=num_inner_steps,
+        )
+
+    per_item = np.asarray(
+        errors(
+            params,
+            (stacked["support"], stacked["support_labels"]),
+            (stacked["query"], stacked["query_labels"]),
+        )
+    )  # (steps, runs, items)
+    return {
+        "inner_steps": list(range(num_inner_steps + 1)),
+        "error": per_item.mean(axis=(1, 2)).tolist(),
+        "num_runs": per_item.shape[1],
+        "num_items": per_item.shape[1] * per_item.shape[2],
+        "runs": {str(run["name"]): per_item[:, i].mean(-1).tolist() for i, run in enumerate(runs)},
+        "published": dict(PUBLISHED_ERROR),
+        "published_source": PUBLISHED_SOURCE,
+    }
+
+
+def eval_inner_lr(exp, rate: float) -> float | PyTree:
+    """``rate`` shaped like ``exp.inner_lr``: per leaf, 0 where training froze a leaf.
+
+    With ``adapt_norm=False`` the model never adapted BatchNorm's scale and
+    offset in training; evaluation keeps them frozen too.
+    """
+    train_lr = exp.inner_lr
+    if jax.tree.structure(train_lr) == jax.tree.structure(exp.init_params):
+        return jax.tree.map(lambda lr: 0.0 if lr == 0 else rate, train_lr)
+    return rate
+
+
+def format_table(result: dict, *, report_step: int | None = None) -> str:
+    """The result of ``evaluate_runs`` as text: error per inner step, per run, and published."""
+    lines = [
+        f"Lake et al.'s one-shot runs: {result['num_runs']} runs x 20-way 1-shot, "
+        f"{result['num_items']} test items",
+        "steps | error",
+    ]
+    for n, error in zip(result["inner_steps"], result["error"], strict=True):
+        mark = "  <- report step" if n == report_step else ""
+        lines.append(f"{n:5d} | {100 * error:5.1f}%{mark}")
+    step = result["inner_steps"][-1] if report_step is None else report_step
+    cells = [f"{name} {100 * errors[step]:4.0f}%" for name, errors in result["runs"].items()]
+    lines.append(f"per run after {step} steps:")
+    lines.extend("  " + "  ".join(cells[i : i + 5]) for i in range(0, len(cells), 5))
+    published = ", ".join(f"{k} {100 * v:.1f}%" for k, v in result["published"].items())
+    lines.append(f"published ({result['published_source']}): {published}")
+    return "\n".join(lines)

@@ -1,0 +1,83 @@
+"""Evaluates a 20-way 1-shot checkpoint on Lake et al.'s 20 within-alphabet one-shot runs.
+
+    python scripts/evaluate_one_shot_runs.py \
+        --config=maml/configs/omniglot.py:20way1shot,background --workdir=runs/o20w1s_bg
+
+Adapts the latest checkpoint in --workdir on each run's 20 training images
+with the config's eval_inner_lr, for 0..eval_inner_steps steps, and writes
+WORKDIR/one_shot_runs.json (error per run and overall, per step, beside the
+published error rates of people and Bayesian Program Learning), then prints a
+table. The runs use the evaluation alphabets, so a fair comparison needs a
+model meta-trained on the background alphabets only (split_protocol
+"background").
+"""
+
+import json
+import zipfile
+from pathlib import Path
+
+from absl import flags
+
+from maml import one_shot_runs, train
+from maml.tasks import omniglot
+
+import _common
+
+DEFAULT_RUNS = (
+    Path(__file__).resolve().parents[1].parent
+    / "shared"
+    / "data"
+    / "omniglot_one_shot_runs"
+    / "all_runs.zip"
+)
+
+flags.DEFINE_string(
+    "runs", str(DEFAULT_RUNS), "Lake et al.'s all_runs.zip, or the folder it unpacks to."
+)
+
+
+def main(argv):
+    del argv
+    config = _common.checked_config()
+    if config.get("num_ways") != one_shot_runs.NUM_WAYS:
+        _common.fail(
+            f"config.num_ways={config.get('num_ways')!r} is invalid: the one-shot runs are "
+            f"{one_shot_runs.NUM_WAYS}-way, so it must be {one_shot_runs.NUM_WAYS} "
+            "(e.g. --config=maml/configs/omniglot.py:20way1shot,background)."
+        )
+    runs_path = Path(flags.FLAGS.runs).expanduser()
+    if not runs_path.exists():
+        _common.fail(f"one-shot runs not found at {runs_path}: pass --runs=PATH/all_runs.zip.")
+    if config.get("split_protocol") != "background":
+        print(
+            f"warning: config.split_protocol={config.get('split_protocol')!r}: the model may "
+            "have been meta-trained on the runs' evaluation alphabets; only "
+            "split_protocol='background' gives a fair comparison with the published numbers."
+        )
+    workdir = Path(flags.FLAGS.workdir)
+    with _common.user_errors():
+        exp, params, step = train.restore_params(config, workdir)
+        try:
+            runs = omniglot.load_one_shot_runs(runs_path)
+        except (zipfile.BadZipFile, KeyError) as e:
+            _common.fail(f"cannot read the one-shot runs in {runs_path} ({e}).")
+        result = one_shot_runs.evaluate_runs(
+            exp,
+            params,
+            runs,
+            inner_lr=one_shot_runs.eval_inner_lr(exp, config.eval_inner_lr),
+            num_inner_steps=config.eval_inner_steps,
+        )
+    result = {
+        "checkpoint_step": step,
+        "split_protocol": config.get("split_protocol"),
+        "inner_lr": config.eval_inner_lr,
+        "report_step": config.eval_report_step,
+        **result,
+    }
+    (workdir / "one_shot_runs.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(one_shot_runs.format_table(result, report_step=config.eval_report_step))
+
+
+if __name__ == "__main__":
+    _common.run(main)
