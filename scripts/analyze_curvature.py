@@ -1,0 +1,231 @@
+"""Hessian spectra of a trained model: the support loss before adaptation, and the meta-loss.
+
+    python scripts/analyze_curvature.py --config=maml/configs/sinusoid.py --workdir=runs/sinusoid
+    python scripts/analyze_curvature.py --config=maml/configs/omniglot.py:5way1shot \\
+        --config.data_dir=../shared/data/tfds --workdir=runs/o5w1s
+
+For the latest checkpoint in ``--workdir`` and ``--num_tasks`` tasks from the
+test split, it estimates, with Hessian-vector products only (never a dense
+Hessian), the top ``--top_k`` eigenvalues (Lanczos) and the eigenvalue
+density (stochastic Lanczos quadrature, ``--num_probes`` probes) of
+
+  (a) the pre-adaptation support loss, the mean over tasks of
+      ``loss(params, support)``, the function the inner loop descends;
+  (b) the meta-loss, the mean over tasks of ``meta_loss`` with the config's
+      ``num_inner_steps`` and ``inner_lr``;
+
+and compares ``config.inner_lr`` with the SGD stability limit
+``2 / lambda_max`` of the support loss, for the batch and for each task.
+Writes ``curvature.json`` and ``curvature.png`` to ``--output_dir`` (default
+``--workdir``) and prints a summary. With no checkpoint it stops with one
+line and exit status 2.
+"""
+
+import json
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+from maml import analysis, core, train
+
+import _common
+
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where to write (default: --workdir).")
+_NUM_TASKS = flags.DEFINE_integer("num_tasks", 4, "Tasks in the sampled batch.")
+_TOP_K = flags.DEFINE_integer("top_k", 5, "Number of top eigenvalues.")
+_LANCZOS_ITERS = flags.DEFINE_integer("lanczos_iters", 40, "Lanczos steps per run.")
+_NUM_PROBES = flags.DEFINE_integer("num_probes", 3, "Probes of the spectral density.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the task sample and the Lanczos vectors.")
+
+
+def analyze(exp, params, *, num_tasks, top_k, num_iters, num_probes, seed) -> dict:
+    """Spectra of the support loss and the meta-loss of ``exp`` at ``params``, and timings.
+
+    Returns a JSON-ready dict: ``support_loss`` and ``meta_loss`` each with
+    ``eigenvalues`` (``top_k``, descending), ``grid``, ``density`` and
+    ``wall_s``; ``stability`` (``analysis.sgd_stability`` of the batch);
+    ``per_task`` (the same for each task's own support loss).
+    """
+    config = exp.config
+    task_key, lanczos_key = jax.random.split(jax.random.key(seed))
+    episode = exp.task.sample(task_key, num_tasks)
+    support, query = episode["support"], episode["query"]
+    inner_lr = exp.inner_lr
+
+    def support_loss(p, support):
+        return analysis.support_loss(exp.loss_fn, p, support)
+
+    def meta_loss(p, support, query):
+        return core.batched_meta_loss(
+            exp.loss_fn,
+            p,
+            support,
+            query,
+            inner_lr=inner_lr,
+            num_inner_steps=config.num_inner_steps,
+        )
+
+    def spectrum(f, *batches, key):
+        fn = jax.jit(
+            lambda p, key, *b: analysis.curvature(
+                lambda q: f(q, *b),
+                p,
+                top_k=top_k,
+                num_iters=num_iters,
+                num_probes=num_probes,
+                key=key,
+            )
+        )
+        t0 = time.perf_counter()
+        out = jax.device_get(fn(params, key, *batches))
+        wall = time.perf_counter() - t0
+        return {
+            "value": float(f(params, *batches)),
+            "eigenvalues": np.asarray(out["eigenvalues"]).tolist(),
+            "grid": np.asarray(out["grid"]).tolist(),
+            "density": np.asarray(out["density"]).tolist(),
+            "wall_s": wall,
+        }
+
+    keys = jax.random.split(lanczos_key, 3)
+    support_result = spectrum(support_loss, support, key=keys[0])
+    meta_result = spectrum(meta_loss, support, query, key=keys[1])
+    t0 = time.perf_counter()
+    per_task = jax.jit(
+        lambda p, s, key: analysis.per_task_lambda_max(
+            exp.loss_fn, p, s, num_iters=num_iters, key=key
+        )
+    )(params, support, keys[2])
+    per_task = np.asarray(per_task).tolist()
+    per_task_s = time.perf_counter() - t0
+    return {
+        "num_params": int(sum(np.size(x) for x in jax.tree.leaves(params))),
+        "num_tasks": num_tasks,
+        "num_inner_steps": config.num_inner_steps,
+        "inner_lr": config.inner_lr,
+        "top_k": top_k,
+        "lanczos_iters": num_iters,
+        "num_probes": num_probes,
+        "support_loss": support_result,
+        "meta_loss": meta_result,
+        "stability": analysis.sgd_stability(config.inner_lr, support_result["eigenvalues"][0]),
+        "per_task": [analysis.sgd_stability(config.inner_lr, lam) for lam in per_task],
+        "per_task_wall_s": per_task_s,
+    }
+
+
+def plot(report, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    limit = 2.0 / report["inner_lr"]
+    for ax, name, title in (
+        (axes[0], "support_loss", "pre-adaptation support loss"),
+        (axes[1], "meta_loss", f"meta-loss ({report['num_inner_steps']} inner steps)"),
+    ):
+        r = report[name]
+        grid, density = np.asarray(r["grid"]), np.asarray(r["density"])
+        # The density has Gaussian tails that underflow; keep the log axis finite.
+        ax.plot(grid, np.maximum(density, 1e-12), lw=1.2, label="spectral density (SLQ)")
+        for i, lam in enumerate(r["eigenvalues"]):
+            ax.axvline(
+                lam, color="C1", lw=0.8, ls="--", label="top eigenvalues" if i == 0 else None
+            )
+        ax.axvline(limit, color="C3", lw=1.5, label=f"2 / inner_lr = {limit:.3g}")
+        if name == "support_loss":
+            for i, t in enumerate(report["per_task"]):
+                ax.axvline(
+                    t["lambda_max"],
+                    color="C2",
+                    lw=0.8,
+                    ls=":",
+                    label="per-task lambda_max" if i == 0 else None,
+                )
+        span = max(np.max(np.abs(grid)), limit)
+        ax.set_xscale("symlog", linthresh=max(1e-3, 1e-4 * span))
+        ax.set_yscale("log")
+        ax.set_ylim(1e-8, None)
+        ax.set(xlabel="Hessian eigenvalue", ylabel="density", title=title)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(
+        f"{report['config_name']}: {report['num_params']} params, step {report['step']}, "
+        f"inner_lr * lambda_max / 2 = {report['stability']['ratio']:.3g}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def print_summary(report) -> None:
+    s = report["stability"]
+    print(
+        f"{report['config_name']}: {report['num_params']} params, checkpoint step "
+        f"{report['step']}, {report['num_tasks']} tasks, {report['lanczos_iters']} Lanczos steps"
+    )
+    for name in ("support_loss", "meta_loss"):
+        r = report[name]
+        eig = ", ".join(f"{x:.4g}" for x in r["eigenvalues"])
+        print(f"  {name:<12} loss {r['value']:.4g}  top eigenvalues [{eig}]  ({r['wall_s']:.1f} s)")
+    print(
+        f"  inner_lr {s['inner_lr']:.4g} vs 2/lambda_max {s['limit_lr']:.4g} of the support loss: "
+        f"ratio {s['ratio']:.3g} ({'stable' if s['stable'] else 'UNSTABLE'})"
+    )
+    for i, t in enumerate(report["per_task"]):
+        print(
+            f"    task {i}: lambda_max {t['lambda_max']:.4g}, 2/lambda_max {t['limit_lr']:.4g}, "
+            f"ratio {t['ratio']:.3g} ({'stable' if t['stable'] else 'UNSTABLE'})"
+        )
+    print(f"  total wall time {report['wall_s']:.1f} s")
+
+
+def main(argv):
+    del argv
+    t0 = time.perf_counter()
+    config = _common.checked_config()
+    for name, flag in (
+        ("num_tasks", _NUM_TASKS),
+        ("top_k", _TOP_K),
+        ("lanczos_iters", _LANCZOS_ITERS),
+        ("num_probes", _NUM_PROBES),
+    ):
+        if flag.value < 1:
+            _common.fail(f"--{name}={flag.value} must be a positive integer")
+    if _TOP_K.value > _LANCZOS_ITERS.value:
+        _common.fail(f"--top_k={_TOP_K.value} must not exceed --lanczos_iters")
+    workdir = flags.FLAGS.workdir
+    with _common.user_errors():
+        exp, params, step = train.restore_params(config, workdir)
+        report = analyze(
+            exp,
+            params,
+            num_tasks=_NUM_TASKS.value,
+            top_k=_TOP_K.value,
+            num_iters=_LANCZOS_ITERS.value,
+            num_probes=_NUM_PROBES.value,
+            seed=_SEED.value,
+        )
+    report = {
+        "config_name": config_flags.get_config_filename(flags.FLAGS["config"]),
+        "step": step,
+        "backend": jax.default_backend(),
+        **report,
+        "wall_s": time.perf_counter() - t0,
+    }
+    output_dir = Path(_OUTPUT_DIR.value or workdir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "curvature.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, output_dir / "curvature.png")
+    print_summary(report)
+    print(f"wrote {output_dir / 'curvature.json'} and {output_dir / 'curvature.png'}")
+
+
+if __name__ == "__main__":
+    _common.run(main)
