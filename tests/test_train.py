@@ -107,3 +107,14 @@ def test_corrupt_checkpoint_fails_clearly(tmp_path):
             f.write_bytes(b"garbage")
     with pytest.raises(train.CheckpointError, match="corrupt"):
         train.train_and_evaluate(tiny(), tmp_path)
+
+
+def test_training_chunk_compiles_once(tmp_path):
+    config = tiny(num_steps=150, log_every=50, checkpoint_every=50)
+    exp = train.build_experiment(config)
+    chunk = train.make_train_chunk(exp, train.root_keys(0)[0])
+    state = train.init_state(exp)
+    for _ in range(3):
+        state, _ = chunk(state, config.log_every)
+    assert int(state.step) == 150
+    assert chunk._cache_size() == 1

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# All GPU checks in one prepared run, within a wall-clock budget (seconds, $1,
+# default 540): the benchmark against the PyTorch peer on shapes A, B, C, the
+# memory of remat, then Finn's Table-1 Omniglot runs, each trained for as long
+# as the budget allows (a run cut short saves a checkpoint) and evaluated.
+# Results go to $OUT (default ./gpu_out): bench.jsonl, one log per step, and
+# runs.tar.gz with every run's metrics, eval.json and last checkpoint.
+#
+# Needs the Omniglot cache (MAML_CACHE_DIR, default ./.cache/maml) rather than
+# tensorflow-datasets; wheels in ./.whl are installed first when present.
+set -u
+budget=${1:-540}
+start=$(date +%s)
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export MAML_CACHE_DIR=${MAML_CACHE_DIR:-$PWD/.cache/maml}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+left() { echo $((budget - ($(date +%s) - start))); }
+log() { echo "[$(($(date +%s) - start))s] $*" | tee -a "$OUT/session.log"; }
+
+nvidia-smi -L | tee -a "$OUT/session.log"
+python3 -c "import jax, flax, optax, orbax.checkpoint, ml_collections; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" 2>&1 | tee -a "$OUT/session.log"
+
+bench() {  # name, then benchmark flags
+  local name=$1; shift
+  log "bench $name $*"
+  timeout 150 python3 scripts/benchmark.py "$@" >>"$OUT/bench.jsonl" 2>>"$OUT/bench.err" \
+    || log "bench $name failed: $(tail -2 "$OUT/bench.err")"
+}
+peer=(--compare-peer python3 --steps 100 --peer-steps 20 --rounds 2)
+bench A --n-way 5 --k-spt 1 --k-qry 15 --task-num 32 --inner-steps 1 --inner-lr 0.4 "${peer[@]}"
+bench B --n-way 20 --k-spt 1 --k-qry 15 --task-num 16 --inner-steps 5 --inner-lr 0.1 "${peer[@]}"
+bench C --n-way 5 --k-spt 5 --k-qry 15 --task-num 32 --inner-steps 5 --inner-lr 0.4 "${peer[@]}"
+bench B-remat --n-way 20 --k-spt 1 --k-qry 15 --task-num 16 --inner-steps 5 --inner-lr 0.1 --remat --steps 50 --rounds 2
+tail -n +1 "$OUT/bench.jsonl"
+
+runs=$OUT/runs
+mkdir -p "$runs"
+train_and_eval() {  # variant, seconds for training
+  local variant=$1 seconds=$2 dir=$runs/${1//,/_}
+  log "train $variant for at most ${seconds}s"
+  timeout -s INT -k 20 "$seconds" python3 scripts/train.py \
+    --config="maml/configs/omniglot.py:$variant" --workdir="$dir" >"$OUT/train_${1//,/_}.log" 2>&1
+  log "train $variant exit $? at step $(tail -1 "$dir/metrics.jsonl" 2>/dev/null | cut -c1-120)"
+  timeout 90 python3 scripts/evaluate.py --config="maml/configs/omniglot.py:$variant" \
+    --workdir="$dir" >"$OUT/eval_${1//,/_}.log" 2>&1
+  log "eval $variant exit $?: $(grep -A4 -- '---' "$OUT/eval_${1//,/_}.log" | tail -3 | tr '\n' ' ')"
+}
+# Finn's Table 1 in order of cost; each run gets at most its cap and leaves the
+# later ones their minimum (a run cut short saves a checkpoint and is evaluated).
+plan=("5way1shot 200 240" "20way1shot 330 150" "5way5shot 240 90" "20way5shot 400 0")
+for item in "${plan[@]}"; do
+  read -r variant cap reserve <<<"$item"
+  share=$(( $(left) - reserve - 60 ))
+  [ "$share" -gt "$cap" ] && share=$cap
+  [ "$share" -lt 45 ] && { log "no time left for $variant"; continue; }
+  train_and_eval "$variant" "$share"
+done
+tar -czf "$OUT/runs.tar.gz" -C "$OUT" runs && rm -rf "$runs"
+log "done"
