@@ -1,0 +1,212 @@
+"""scripts/meta_gradient.py, scripts/analyze_curvature.py and their helpers in maml.analysis."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from maml import analysis, core, second_order, train
+from maml.configs import sinusoid
+from maml.models import MLP, functional
+from maml.tasks.sinusoid import Sinusoid
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "maml" / "configs" / "sinusoid.py") + ":tiny"
+
+
+def start(script, *args):
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / script), f"--config={CONFIG}", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+
+
+def finish(process):
+    stdout, stderr = process.communicate(timeout=300)
+    return process.returncode, stdout, stderr
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    """Both scripts on a 50-step tiny sinusoid checkpoint, run side by side."""
+    workdir = tmp_path_factory.mktemp("ckpt")
+    config = sinusoid.get_config("tiny")
+    config.num_steps = config.checkpoint_every = config.log_every = 50
+    train.train_and_evaluate(config, workdir)
+    out = tmp_path_factory.mktemp("out")
+    processes = {
+        "meta_gradient": start(
+            "meta_gradient.py",
+            f"--workdir={workdir}",
+            f"--output_dir={out}",
+            "--inner_steps=1,3",
+            "--repeats=1",
+        ),
+        "curvature": start(
+            "analyze_curvature.py",
+            f"--workdir={workdir}",
+            f"--output_dir={out}",
+            "--lanczos_iters=20",
+            "--num_probes=1",
+            "--top_k=3",
+            "--num_tasks=2",
+        ),
+    }
+    results = {}
+    for name, process in processes.items():
+        code, stdout, stderr = finish(process)
+        assert code == 0, stderr
+        results[name] = stdout
+    return out, results
+
+
+def test_meta_gradient_json_and_checks(outputs):
+    out, stdout = outputs
+    report = json.loads((out / "meta_gradient.json").read_text())
+    assert (out / "meta_gradient.png").stat().st_size > 0
+    assert "finite differences" in stdout["meta_gradient"]
+    for key in ("params_source", "dtype", "num_params", "num_tasks", "inner_steps", "results"):
+        assert key in report
+    assert report["params_source"] == "checkpoint step 50"
+    assert report["dtype"] == "float64"
+    assert [r["num_inner_steps"] for r in report["results"]] == [1, 3]
+    for r in report["results"]:
+        assert set(r["methods"]) == set(analysis.METHODS)
+        for m in r["methods"].values():
+            assert m["median_s"] > 0 and m["norm"] > 0
+            assert m["memory"] is None or m["memory"]["temp"] >= 0
+        assert r["finite_difference"]["relative_error"] < 1e-6
+        cos = r["cosine"]["exact/first_order"]
+        assert -1 < cos <= 1
+        # Second order is not first order: the inner Hessian term matters.
+        assert cos < 1 - 1e-6
+        assert r["methods"]["exact"]["norm"] != pytest.approx(
+            r["methods"]["first_order"]["norm"], rel=1e-6
+        )
+        # Rematerialisation recomputes; it must not change the gradient.
+        assert r["cosine"]["exact/exact_remat"] == pytest.approx(1.0, abs=1e-12)
+        assert r["exact_remat_max_abs_diff"] < 1e-10
+
+
+def test_analyze_curvature_json(outputs):
+    out, stdout = outputs
+    report = json.loads((out / "curvature.json").read_text())
+    assert (out / "curvature.png").stat().st_size > 0
+    assert "2/lambda_max" in stdout["curvature"]
+    for name in ("support_loss", "meta_loss"):
+        r = report[name]
+        assert len(r["eigenvalues"]) == 3
+        assert r["eigenvalues"] == sorted(r["eigenvalues"], reverse=True)
+        grid, density = np.asarray(r["grid"]), np.asarray(r["density"])
+        assert np.trapezoid(density, grid) == pytest.approx(1.0, rel=1e-3)
+    s = report["stability"]
+    assert s["inner_lr"] == 0.01
+    assert s["limit_lr"] == pytest.approx(2 / report["support_loss"]["eigenvalues"][0])
+    assert len(report["per_task"]) == 2
+    # The batch's support loss is the mean of the tasks': its top curvature is no larger.
+    assert s["lambda_max"] <= max(t["lambda_max"] for t in report["per_task"]) * (1 + 1e-3)
+
+
+def test_analyze_curvature_without_checkpoint_exits_2(tmp_path):
+    code, stdout, stderr = finish(start("analyze_curvature.py", f"--workdir={tmp_path}"))
+    assert code == 2
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "no checkpoint" in lines[0]
+    assert "Traceback" not in stderr
+    assert not (tmp_path / "curvature.json").exists()
+
+
+# --- maml.analysis -----------------------------------------------------------------
+
+
+@pytest.fixture
+def mlp64(x64):
+    """The tiny config's MLP (1761 params) and 3 sinusoid tasks, in float64."""
+    apply_fn, params = functional(MLP((1, 40, 40, 1), rngs=nnx.Rngs(0), param_dtype=jnp.float64))
+    task = Sinusoid(num_support=10, num_query=10, dtype=jnp.float64)
+    episode = task.sample(jax.random.key(1), 3)
+
+    def loss_fn(p, batch):
+        x, y = batch
+        return task.loss(apply_fn(p, x), y)
+
+    return loss_fn, params, episode
+
+
+def test_lanczos_lambda_max_matches_dense_hessian(mlp64):
+    loss_fn, params, episode = mlp64
+    support = episode["support"]
+
+    def f(p):
+        return analysis.support_loss(loss_fn, p, support)
+
+    dense, _ = second_order.hessian(f, params)
+    exact = np.linalg.eigvalsh(np.asarray(dense))[::-1]
+    result = analysis.curvature(
+        f, params, top_k=2, num_iters=40, num_probes=1, key=jax.random.key(2)
+    )
+    np.testing.assert_allclose(result["eigenvalues"], exact[:2], rtol=1e-6)
+    per_task = analysis.per_task_lambda_max(
+        loss_fn, params, support, num_iters=40, key=jax.random.key(3)
+    )
+    one = jax.tree.map(lambda x: x[0], support)
+    dense_one, _ = second_order.hessian(lambda p: loss_fn(p, one), params)
+    assert float(per_task[0]) == pytest.approx(np.linalg.eigvalsh(np.asarray(dense_one))[-1], 1e-6)
+
+
+def test_meta_gradients_against_finite_differences(mlp64):
+    loss_fn, params, episode = mlp64
+    support, query = episode["support"], episode["query"]
+    fns = analysis.meta_gradient_fns(
+        loss_fn, inner_lr=0.01, num_inner_steps=2, imaml_lambda=1.0, imaml_cg_steps=5
+    )
+    grads = {name: fn(params, support, query) for name, fn in fns.items()}
+
+    def f(p):
+        return core.batched_meta_loss(loss_fn, p, support, query, inner_lr=0.01, num_inner_steps=2)
+
+    direction = analysis.random_unit_direction(jax.random.key(4), params)
+    assert float(analysis.tree_norm(direction)) == pytest.approx(1.0)
+    check = analysis.finite_difference_check(f, params, grads["exact"], direction, eps=1e-6)
+    assert check["relative_error"] < 1e-6
+    # The first-order gradient is not the meta-loss's gradient: the check can fail.
+    wrong = analysis.finite_difference_check(f, params, grads["first_order"], direction, eps=1e-6)
+    assert wrong["relative_error"] > 1e-4
+    assert float(analysis.cosine_similarity(grads["exact"], grads["exact_remat"])) == (
+        pytest.approx(1.0, abs=1e-12)
+    )
+
+
+def test_cosine_similarity_and_stability():
+    a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+    neg = jax.tree.map(jnp.negative, a)
+    zero = jax.tree.map(jnp.zeros_like, a)
+    assert float(analysis.cosine_similarity(a, a)) == pytest.approx(1.0)
+    assert float(analysis.cosine_similarity(a, neg)) == pytest.approx(-1.0)
+    assert float(analysis.cosine_similarity(a, zero)) == 0.0
+    assert analysis.sgd_stability(0.01, 100.0)["stable"]
+    unstable = analysis.sgd_stability(0.4, 10.0)
+    assert not unstable["stable"] and unstable["ratio"] == pytest.approx(2.0)
+    assert analysis.sgd_stability(0.1, -1.0)["limit_lr"] == float("inf")
+
+
+def test_time_and_memory_reports_compiled_sizes():
+    out, stats = analysis.time_and_memory(lambda x: jnp.sin(x) @ x, jnp.ones((8, 8)), repeats=2)
+    assert out.shape == (8, 8) and len(stats["times_s"]) == 2
+    assert stats["median_s"] > 0
+    assert stats["memory"] is None or stats["memory"]["output"] == 8 * 8 * 4
+
+    class NoAnalysis:
+        def memory_analysis(self):
+            return None
+
+    assert analysis.compiled_memory(NoAnalysis()) is None
