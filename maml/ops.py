@@ -12,8 +12,13 @@ use ``lax.conv_general_dilated``'s SAME padding exactly (asymmetric where the
 total padding is odd: the extra row/column goes at the end), and agree with
 it to float tolerance, forward and backward:
 
+- ``"phases"`` (the default, fastest): ``"patches"``'s forward pass with a
+  custom backward pass for 3x3 stride-2 kernels that computes the input
+  gradient per output phase (four matmuls of shifted output gradients),
+  never materialising the 9x larger patch gradient; it is plain JAX, so it
+  differentiates again (second-order MAML). Other shapes use ``"patches"``.
 - ``"patches"``: nine strided slices concatenated on the channel axis, one
-  ``(B*Ho*Wo, 9*C_in) @ (9*C_in, C_out)`` matmul (the default: fastest).
+  ``(B*Ho*Wo, 9*C_in) @ (9*C_in, C_out)`` matmul, differentiated by JAX.
 - ``"taps"``: the sum of nine ``(B*Ho*Wo, C_in) @ (C_in, C_out)`` matmuls,
   one per kernel tap; never materialises the patch matrix.
 - ``"lax_patches"``: ``lax.conv_general_dilated_patches`` then one matmul.
@@ -26,8 +31,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-ConvImpl = Literal["patches", "taps", "lax_patches", "lax"]
-CONV_IMPLS: tuple[str, ...] = ("patches", "taps", "lax_patches", "lax")
+ConvImpl = Literal["patches", "phases", "taps", "lax_patches", "lax"]
+CONV_IMPLS: tuple[str, ...] = ("patches", "phases", "taps", "lax_patches", "lax")
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
@@ -70,13 +75,73 @@ def _taps(x: jax.Array, kh: int, kw: int, stride: int) -> list[jax.Array]:
     ]
 
 
+def _patches_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    kh, kw, c_in, c_out = kernel.shape
+    patches = jnp.concatenate(_taps(x, kh, kw, stride), axis=-1)
+    # Concatenated taps are ordered (i, j, c_in): HWIO reshaped row-major.
+    return patches @ kernel.reshape(kh * kw * c_in, c_out)
+
+
+@jax.custom_vjp
+def _phase_conv_s2(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return _patches_conv(x, kernel, 2)
+
+
+def _phase_conv_s2_fwd(x, kernel):
+    return _patches_conv(x, kernel, 2), (x, kernel)
+
+
+def _phase_conv_s2_bwd(residuals, dy):
+    """The input gradient by output phase, never materialising the patch gradient.
+
+    The SAME-padded input has ``2*H_out + 1`` rows. Its even rows receive taps
+    0 and 2 (from output rows ``m`` and ``m - 1``), its odd rows tap 1, and
+    likewise for columns: each of the four phases is one matmul of shifted
+    copies of ``dy`` with the matching kernel taps.
+    """
+    x, kernel = residuals
+    b, h, w, c_in = x.shape
+    h_out, w_out = dy.shape[1], dy.shape[2]
+    patches = jnp.concatenate(_taps(x, 3, 3, 2), axis=-1)
+    d_kernel = jnp.einsum("bhwk,bhwd->kd", patches, dy).reshape(kernel.shape)
+    dy_padded = jnp.pad(dy, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    # Tap index -> (shift of dy) for each parity of the padded coordinate.
+    taps_by_parity = {0: ((0, 0), (2, 1)), 1: ((1, 0),)}
+    phases = {}
+    for a in (0, 1):
+        rows = h_out + 1 - a
+        for c in (0, 1):
+            cols = w_out + 1 - c
+            shifted, kernels = [], []
+            for i, si in taps_by_parity[a]:
+                for j, sj in taps_by_parity[c]:
+                    shifted.append(dy_padded[:, 1 - si : 1 - si + rows, 1 - sj : 1 - sj + cols])
+                    kernels.append(kernel[i, j].T)
+            phases[a, c] = jnp.concatenate(shifted, axis=-1) @ jnp.concatenate(kernels, axis=0)
+
+    # Interleave the phases back into the padded grid (odd phases one row short).
+    def pad_to(t, rows, cols):
+        return jnp.pad(t, ((0, 0), (0, rows - t.shape[1]), (0, cols - t.shape[2]), (0, 0)))
+
+    rows, cols = h_out + 1, w_out + 1
+    grid = jnp.stack(
+        [jnp.stack([pad_to(phases[a, c], rows, cols) for c in (0, 1)], axis=3) for a in (0, 1)],
+        axis=2,
+    ).reshape(b, 2 * rows, 2 * cols, c_in)
+    (lo_h, _), (lo_w, _) = same_padding(h, 3, 2), same_padding(w, 3, 2)
+    return grid[:, lo_h : lo_h + h, lo_w : lo_w + w], d_kernel
+
+
+_phase_conv_s2.defvjp(_phase_conv_s2_fwd, _phase_conv_s2_bwd)
+
+
 def conv2d(
     x: jax.Array,
     kernel: jax.Array,
     bias: jax.Array | None = None,
     *,
     stride: int = 1,
-    impl: ConvImpl = "patches",
+    impl: ConvImpl = "phases",
 ) -> jax.Array:
     """2-D convolution with ``"SAME"`` padding, identical to ``lax.conv_general_dilated``.
 
@@ -98,9 +163,12 @@ def conv2d(
             x, kernel, (stride, stride), "SAME", dimension_numbers=_DIMENSION_NUMBERS
         )
     elif impl == "patches":
-        patches = jnp.concatenate(_taps(x, kh, kw, stride), axis=-1)
-        # Concatenated taps are ordered (i, j, c_in): HWIO reshaped row-major.
-        y = patches @ kernel.reshape(kh * kw * c_in, c_out)
+        y = _patches_conv(x, kernel, stride)
+    elif impl == "phases":
+        if (kh, kw, stride) == (3, 3, 2):
+            y = _phase_conv_s2(x, kernel)
+        else:
+            y = _patches_conv(x, kernel, stride)
     elif impl == "taps":
         taps = _taps(x, kh, kw, stride)
         flat_kernel = kernel.reshape(kh * kw, c_in, c_out)
