@@ -148,8 +148,13 @@ def plot(report, path: Path) -> None:
                     ls=":",
                     label="per-task lambda_max" if i == 0 else None,
                 )
-        span = max(np.max(np.abs(grid)), limit)
+        marked = [limit, *r["eigenvalues"]]
+        if name == "support_loss":
+            marked += [t["lambda_max"] for t in report["per_task"]]
+        right = 1.2 * max(grid[-1], *marked)
+        span = max(np.max(np.abs(grid)), right)
         ax.set_xscale("symlog", linthresh=max(1e-3, 1e-4 * span))
+        ax.set_xlim(min(grid[0], 0.0), right)
         ax.set_yscale("log")
         ax.set_ylim(1e-8, None)
         ax.set(xlabel="Hessian eigenvalue", ylabel="density", title=title)

@@ -49,6 +49,7 @@ def outputs(tmp_path_factory):
             f"--workdir={workdir}",
             f"--output_dir={out}",
             "--inner_steps=2",
+            "--num_tasks=2",
             "--repeats=1",
         ),
         "curvature": start(
