@@ -156,10 +156,7 @@ def eval_inner_lr(exp, rate: float) -> float | PyTree:
     With ``adapt_norm=False`` the model never adapted BatchNorm's scale and
     offset in training; evaluation keeps them frozen too.
     """
-    train_lr = exp.inner_lr
-    if jax.tree.structure(train_lr) == jax.tree.structure(exp.init_params):
-        return jax.tree.map(lambda lr: 0.0 if lr == 0 else rate, train_lr)
-    return rate
+    return exp.inner_rates(rate)
 
 
 def format_table(result: dict, *, report_step: int | None = None) -> str:

@@ -63,13 +63,17 @@ class Experiment:
 
     @property
     def inner_lr(self) -> float | PyTree:
-        """The inner learning rate, per leaf where some leaves are not adapted."""
-        c = self.config
-        if c.get("adapt_norm", True):
-            return c.inner_lr
+        """The training inner learning rate, per leaf where some leaves are not adapted."""
+        return self.inner_rates(self.config.inner_lr)
+
+    def inner_rates(self, rate: float) -> float | PyTree:
+        """``rate`` for every adapted leaf: a scalar, or a per-leaf pytree with 0
+        for the leaves the config keeps out of the inner loop."""
+        if self.config.get("adapt_norm", True):
+            return rate
         # Finn's Omniglot code left BatchNorm scale and offset out of the inner loop.
         return jax.tree_util.tree_map_with_path(
-            lambda path, _: 0.0 if _is_norm_param(path) else c.inner_lr, self.init_params
+            lambda path, _: 0.0 if _is_norm_param(path) else rate, self.init_params
         )
 
 
@@ -239,6 +243,8 @@ def adaptation_curve(
       ``(num_inner_steps + 1, num_tasks)`` numpy array of ``task.metric``.
     """
 
+    rates = exp.inner_rates(inner_lr)
+
     @jax.jit
     def curve(params, key):
         episode = task.sample(key, batch_size)
@@ -246,7 +252,7 @@ def adaptation_curve(
         def one_task(support, query):
             def step(p, _):
                 metric = task.metrics(exp.apply_fn(p, query[0]), query[1])[task.metric]
-                return core.sgd_step(exp.loss_fn, p, support, inner_lr=inner_lr), metric
+                return core.sgd_step(exp.loss_fn, p, support, inner_lr=rates), metric
 
             p, metrics = jax.lax.scan(step, params, length=num_inner_steps)
             last = task.metrics(exp.apply_fn(p, query[0]), query[1])[task.metric]
