@@ -12,13 +12,15 @@ use ``lax.conv_general_dilated``'s SAME padding exactly (asymmetric where the
 total padding is odd: the extra row/column goes at the end), and agree with
 it to float tolerance, forward and backward:
 
-- ``"phases"`` (the default, fastest): ``"patches"``'s forward pass with a
+- ``"phases"``: ``"patches"``'s forward pass with a
   custom backward pass for 3x3 stride-2 kernels that computes the input
   gradient per output phase (four matmuls of shifted output gradients),
   never materialising the 9x larger patch gradient; it is plain JAX, so it
   differentiates again (second-order MAML). Other shapes use ``"patches"``.
-- ``"patches"``: nine strided slices concatenated on the channel axis, one
-  ``(B*Ho*Wo, 9*C_in) @ (9*C_in, C_out)`` matmul, differentiated by JAX.
+- ``"patches"`` (the default): nine strided slices concatenated on the
+  channel axis, one ``(B*Ho*Wo, 9*C_in) @ (9*C_in, C_out)`` matmul,
+  differentiated by JAX. On two noisy CPU cores it and ``"phases"`` traded
+  places run to run (within ~20% of each other) in the second-order meta-step.
 - ``"taps"``: the sum of nine ``(B*Ho*Wo, C_in) @ (C_in, C_out)`` matmuls,
   one per kernel tap; never materialises the patch matrix.
 - ``"lax_patches"``: ``lax.conv_general_dilated_patches`` then one matmul.
@@ -141,7 +143,7 @@ def conv2d(
     bias: jax.Array | None = None,
     *,
     stride: int = 1,
-    impl: ConvImpl = "phases",
+    impl: ConvImpl = "patches",
 ) -> jax.Array:
     """2-D convolution with ``"SAME"`` padding, identical to ``lax.conv_general_dilated``.
 
