@@ -15,10 +15,13 @@ OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export MAML_CACHE_DIR=${MAML_CACHE_DIR:-$PWD/.cache/maml}
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
-fi
+# Carried wheels: ml_collections always; flax only where the installed one
+# lacks the NNX API used here.
+install() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+  --upgrade --target /tmp/site "$@" && export PYTHONPATH=$PYTHONPATH:/tmp/site; }
+ls .whl/ml_collections-*.whl >/dev/null 2>&1 && install .whl/ml_collections-*.whl
+python3 -c "from flax import nnx; nnx.List, nnx.to_pure_dict" 2>/dev/null \
+  || { ls .whl/flax-*.whl >/dev/null 2>&1 && install .whl/flax-*.whl; }
 left() { echo $((budget - ($(date +%s) - start))); }
 log() { echo "[$(($(date +%s) - start))s] $*" | tee -a "$OUT/session.log"; }
 
@@ -35,6 +38,7 @@ peer=(--compare-peer python3 --steps 100 --peer-steps 20 --rounds 2)
 bench A --n-way 5 --k-spt 1 --k-qry 15 --task-num 32 --inner-steps 1 --inner-lr 0.4 "${peer[@]}"
 bench B --n-way 20 --k-spt 1 --k-qry 15 --task-num 16 --inner-steps 5 --inner-lr 0.1 "${peer[@]}"
 bench C --n-way 5 --k-spt 5 --k-qry 15 --task-num 32 --inner-steps 5 --inner-lr 0.4 "${peer[@]}"
+bench A-phases --n-way 5 --k-spt 1 --k-qry 15 --task-num 32 --inner-steps 1 --inner-lr 0.4 --conv-impl phases --steps 100 --rounds 2
 bench B-remat --n-way 20 --k-spt 1 --k-qry 15 --task-num 16 --inner-steps 5 --inner-lr 0.1 --remat --steps 50 --rounds 2
 tail -n +1 "$OUT/bench.jsonl"
 
@@ -52,7 +56,7 @@ train_and_eval() {  # variant, seconds for training
 }
 # Finn's Table 1 in order of cost; each run gets at most its cap and leaves the
 # later ones their minimum (a run cut short saves a checkpoint and is evaluated).
-plan=("5way1shot 200 240" "20way1shot 330 150" "5way5shot 240 90" "20way5shot 400 0")
+plan=("5way1shot 220 120" "20way1shot 330 60" "5way5shot 240 0" "20way5shot 400 0")
 for item in "${plan[@]}"; do
   read -r variant cap reserve <<<"$item"
   share=$(( $(left) - reserve - 60 ))
