@@ -184,7 +184,9 @@ def run_peer(args):
         "--warmup",
         str(max(args.warmup, 1)),
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"the peer failed ({out.returncode}): {out.stderr.strip()[-300:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
