@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from maml import core
 from maml.configs import ConfigError
-from maml.models import FINN_KERNEL_INIT, LECUN_NORMAL, MLP, functional
+from maml.models import FINN_KERNEL_INIT, LECUN_NORMAL, MLP, ConvNet, functional
 from maml.tasks.sinusoid import Sinusoid
 
 PyTree = Any
@@ -88,8 +88,6 @@ def build_model(config: ml_collections.ConfigDict, seed: int) -> tuple[Callable,
         init = FINN_KERNEL_INIT if config.get("init") == "finn" else LECUN_NORMAL
         model = MLP((1, *config.hidden_sizes, 1), rngs=rngs, kernel_init=init)
     elif config.model == "convnet":
-        from maml.models import ConvNet
-
         model = ConvNet(config.num_ways, rngs=rngs, conv_impl=config.get("conv_impl", "patches"))
     else:
         raise ValueError(f"unknown model {config.model!r}")
@@ -122,13 +120,16 @@ def task_mesh(meta_batch_size: int) -> jax.sharding.Mesh:
     return jax.sharding.Mesh(np.array(devices), ("tasks",))
 
 
-def build_experiment(config: ml_collections.ConfigDict, split: str = "train") -> Experiment:
+def build_experiment(
+    config: ml_collections.ConfigDict, split: str = "train", task: Any = None
+) -> Experiment:
+    """The experiment ``config`` describes, on ``split``'s tasks (or on ``task``, if given)."""
     apply_fn, params = build_model(config, config.seed)
     return Experiment(
         config=config,
         apply_fn=apply_fn,
         init_params=params,
-        task=build_task(config, split),
+        task=build_task(config, split) if task is None else task,
         optimizer=optax.adam(config.outer_lr),
         mesh=task_mesh(config.meta_batch_size),
     )

@@ -97,7 +97,6 @@ def build(args):
     config = make_config(args)
     if args.data_dir:
         return train.build_experiment(config, "train")
-    apply_fn, params = train.build_model(config, config.seed)
     rng = np.random.default_rng(args.seed)
     images = jnp.asarray(rng.integers(0, 256, (1100, 20, 28, 28), dtype=np.uint8))
     task = Omniglot(
@@ -107,16 +106,7 @@ def build(args):
         num_query=args.k_qry,
         rotate=config.rotate,
     )
-    import optax
-
-    return train.Experiment(
-        config=config,
-        apply_fn=apply_fn,
-        init_params=params,
-        task=task,
-        optimizer=optax.adam(config.outer_lr),
-        mesh=train.task_mesh(config.meta_batch_size),
-    )
+    return train.build_experiment(config, task=task)
 
 
 def device_peak_bytes():

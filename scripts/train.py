@@ -18,8 +18,12 @@ flags.DEFINE_bool(
     "multihost",
     False,
     "Call jax.distributed.initialize() first: one process per host, all devices of all "
-    "hosts in one mesh (coordinator and ranks from the cluster environment).",
+    "hosts in one mesh. On SLURM, Open MPI and Cloud TPU the coordinator and ranks come "
+    "from the environment; elsewhere give the three flags below.",
 )
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (--multihost).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (--multihost).")
+flags.DEFINE_integer("process_id", None, "This process's rank, 0..num_processes-1.")
 
 
 def main(argv):
@@ -28,7 +32,11 @@ def main(argv):
     if flags.FLAGS.multihost:
         import jax
 
-        jax.distributed.initialize()
+        jax.distributed.initialize(
+            coordinator_address=flags.FLAGS.coordinator_address,
+            num_processes=flags.FLAGS.num_processes,
+            process_id=flags.FLAGS.process_id,
+        )
     with _common.user_errors():
         train.train_and_evaluate(config, flags.FLAGS.workdir)
 
