@@ -7,7 +7,9 @@
 # runs.tar.gz with every run's metrics, eval.json and last checkpoint.
 #
 # Needs the Omniglot cache (MAML_CACHE_DIR, default ./.cache/maml) rather than
-# tensorflow-datasets; wheels in ./.whl are installed first when present.
+# tensorflow-datasets; wheels in ./.whl are installed first when present. The
+# device machine gets the checkout only, not ../shared: carry a copy of the peer
+# as .peer/peer_torchfunc.py (cp ../shared/bench/peer_torchfunc.py .peer/).
 set -u
 budget=${1:-540}
 start=$(date +%s)
@@ -34,7 +36,9 @@ bench() {  # name, then benchmark flags
   timeout 150 python3 scripts/benchmark.py "$@" >>"$OUT/bench.jsonl" 2>>"$OUT/bench.err" \
     || log "bench $name failed: $(tail -2 "$OUT/bench.err")"
 }
-peer=(--compare-peer python3 --steps 100 --peer-steps 20 --rounds 2)
+peer_script=.peer/peer_torchfunc.py
+[ -f "$peer_script" ] || peer_script=../shared/bench/peer_torchfunc.py
+peer=(--compare-peer python3 --peer-script "$peer_script" --steps 100 --peer-steps 20 --rounds 2)
 bench A --n-way 5 --k-spt 1 --k-qry 15 --task-num 32 --inner-steps 1 --inner-lr 0.4 "${peer[@]}"
 bench B --n-way 20 --k-spt 1 --k-qry 15 --task-num 16 --inner-steps 5 --inner-lr 0.1 "${peer[@]}"
 bench C --n-way 5 --k-spt 5 --k-qry 15 --task-num 32 --inner-steps 5 --inner-lr 0.4 "${peer[@]}"
