@@ -165,7 +165,7 @@ def test_untrained_convnet_on_the_runs(cache_dir, runs):
     support = (jnp.asarray(run["support"]), jnp.asarray(run["support_labels"]))
     adapted = core.adapt(exp.loss_fn, exp.init_params, support, inner_lr=0.1, num_inner_steps=1)
     predictions = np.argmax(exp.apply_fn(adapted, jnp.asarray(run["query"])), -1)
-    expected = np.mean(predictions != run["query_labels"])
+    expected = float(np.mean(predictions != np.asarray(run["query_labels"])))
     assert result["runs"][run["name"]][1] == pytest.approx(expected, abs=1e-6)
 
 
