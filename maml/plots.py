@@ -15,13 +15,18 @@ from maml import core  # noqa: E402
 
 def training_curves(records: list[dict], path: Path) -> None:
     """One panel per logged metric against the meta-step."""
-    keys = [k for k in (records[0] if records else {}) if k not in ("step", "wall_s")]
+    # Periodic metrics (validation) appear in some records only.
+    keys = list(dict.fromkeys(k for r in records for k in r if k not in ("step", "wall_s")))
     if not keys:
         return
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
-    steps = [r["step"] for r in records]
     for ax, key in zip(axes[0], keys, strict=True):
-        ax.plot(steps, [r.get(key, float("nan")) for r in records])
+        logged = [r for r in records if key in r]
+        ax.plot(
+            [r["step"] for r in logged],
+            [r[key] for r in logged],
+            marker="." if len(logged) < 30 else None,
+        )
         ax.set_xlabel("meta-step")
         ax.set_title(key)
         if key in ("loss", "mse", "grad_norm"):
