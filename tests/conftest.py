@@ -1,7 +1,11 @@
 """Shared test helpers."""
 
+from pathlib import Path
+
 import jax
 import pytest
+
+TFDS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tfds"
 
 
 @pytest.fixture
@@ -9,3 +13,15 @@ def x64():
     """Runs a test with 64-bit floats, restoring the default afterwards."""
     with jax.enable_x64(True):
         yield
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """A preprocessed Omniglot cache, built once per session from ../shared/data/tfds."""
+    from maml.tasks import omniglot
+
+    if not (TFDS_DIR / "omniglot" / omniglot.DATASET_VERSION).is_dir():
+        pytest.skip(f"prepared Omniglot not found in {TFDS_DIR}")
+    directory = tmp_path_factory.mktemp("maml_cache")
+    omniglot.load_images(data_dir=TFDS_DIR, cache_dir=directory)
+    return directory

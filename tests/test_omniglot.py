@@ -27,14 +27,7 @@ requires_data = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("maml_cache")
-
-
-@pytest.fixture(scope="session")
 def data(cache_dir):
-    if not (TFDS_DIR / "omniglot" / omniglot.DATASET_VERSION).is_dir():
-        pytest.skip(f"prepared Omniglot not found in {TFDS_DIR}")
     return omniglot.load_images(data_dir=TFDS_DIR, cache_dir=cache_dir)
 
 

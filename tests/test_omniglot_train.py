@@ -17,18 +17,8 @@ import pytest
 from maml import core, evaluate, train
 from maml.configs import omniglot as omniglot_configs
 from maml.configs import validate
-from maml.tasks import omniglot
 
 TFDS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tfds"
-
-
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    if not (TFDS_DIR / "omniglot" / omniglot.DATASET_VERSION).is_dir():
-        pytest.skip(f"prepared Omniglot not found in {TFDS_DIR}")
-    directory = tmp_path_factory.mktemp("maml_cache")
-    omniglot.load_images(data_dir=TFDS_DIR, cache_dir=directory)
-    return directory
 
 
 def _tiny(cache_dir, **overrides):

@@ -31,15 +31,6 @@ SCRIPT = str(ROOT / "scripts" / "evaluate_one_shot_runs.py")
 
 
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    if not (TFDS_DIR / "omniglot" / omniglot.DATASET_VERSION).is_dir():
-        pytest.skip(f"prepared Omniglot not found in {TFDS_DIR}")
-    directory = tmp_path_factory.mktemp("maml_cache")
-    omniglot.load_images(data_dir=TFDS_DIR, cache_dir=directory)
-    return directory
-
-
-@pytest.fixture(scope="session")
 def runs():
     if not RUNS_ZIP.is_file():
         pytest.skip(f"{RUNS_ZIP} not found")
