@@ -64,10 +64,18 @@ def parse_args(argv=None):
     p.add_argument("--peer-script", default=str(PEER))
     p.add_argument("--peer-steps", type=int, default=0, help="peer steps (default --steps)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=1,
+        help="on the CPU, split the cores into this many XLA devices and shard the tasks",
+    )
     args = p.parse_args(argv)
-    for name in ("n_way", "k_spt", "k_qry", "task_num", "steps", "rounds"):
+    for name in ("n_way", "k_spt", "k_qry", "task_num", "steps", "rounds", "cpu_devices"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    if args.task_num % args.cpu_devices:
+        p.error(f"--task-num={args.task_num} must be a multiple of --cpu-devices={args.cpu_devices}")
     if args.inner_steps < 0 or args.warmup < 0:
         p.error("--inner-steps and --warmup must be >= 0")
     return args
@@ -182,6 +190,7 @@ def run_peer(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     if args.compare_peer and args.first_order or args.algorithm != "maml" and args.compare_peer:
         print("error: the peer runs second-order MAML only; drop --compare-peer", file=sys.stderr)
         sys.exit(2)

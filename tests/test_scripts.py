@@ -70,6 +70,8 @@ def run(*args, cwd=ROOT):
         ("--config.algorithm=reptile", "config.algorithm='reptile' is invalid"),
         ("--config.num_steps=abc", "--config.num_steps=abc"),
         ("--config.no_such_field=1", "unknown config field"),
+        ("--cpu_devices=2", "multiple of the 2 devices"),
+        ("--cpu_devices=0", "--cpu_devices"),
     ],
 )
 def test_train_script_rejects_bad_values_before_compute(tmp_path, override, expected):
