@@ -75,7 +75,9 @@ def parse_args(argv=None):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
     if args.task_num % args.cpu_devices:
-        p.error(f"--task-num={args.task_num} must be a multiple of --cpu-devices={args.cpu_devices}")
+        p.error(
+            f"--task-num={args.task_num} must be a multiple of --cpu-devices={args.cpu_devices}"
+        )
     if args.inner_steps < 0 or args.warmup < 0:
         p.error("--inner-steps and --warmup must be >= 0")
     return args
