@@ -9,7 +9,10 @@
 # Needs the Omniglot cache (MAML_CACHE_DIR, default ./.cache/maml) rather than
 # tensorflow-datasets; wheels in ./.whl are installed first when present. The
 # device machine gets the checkout only, not ../shared: carry a copy of the peer
-# as .peer/peer_torchfunc.py (cp ../shared/bench/peer_torchfunc.py .peer/).
+# as .peer/peer_torchfunc.py (cp ../shared/bench/peer_torchfunc.py .peer/) and
+# of Lake et al.'s runs as .runs/all_runs.zip, which ",background" 20-way runs
+# are evaluated on. BENCH=0 skips the benchmarks; PLAN="variant cap reserve;..."
+# replaces the training plan, e.g. PLAN="20way1shot,background 560 0".
 set -u
 budget=${1:-540}
 start=$(date +%s)
@@ -36,6 +39,7 @@ bench() {  # name, then benchmark flags
   timeout 150 python3 scripts/benchmark.py "$@" >>"$OUT/bench.jsonl" 2>>"$OUT/bench.err" \
     || log "bench $name failed: $(tail -2 "$OUT/bench.err")"
 }
+if [ "${BENCH:-1}" != 0 ]; then
 peer_script=.peer/peer_torchfunc.py
 [ -f "$peer_script" ] || peer_script=../shared/bench/peer_torchfunc.py
 peer=(--compare-peer python3 --peer-script "$peer_script" --steps 100 --peer-steps 20 --rounds 2)
@@ -45,6 +49,7 @@ bench C --n-way 5 --k-spt 5 --k-qry 15 --task-num 32 --inner-steps 5 --inner-lr 
 bench A-phases --n-way 5 --k-spt 1 --k-qry 15 --task-num 32 --inner-steps 1 --inner-lr 0.4 --conv-impl phases --steps 100 --rounds 2
 bench B-remat --n-way 20 --k-spt 1 --k-qry 15 --task-num 16 --inner-steps 5 --inner-lr 0.1 --remat --steps 50 --rounds 2
 tail -n +1 "$OUT/bench.jsonl"
+fi
 
 runs=$OUT/runs
 mkdir -p "$runs"
@@ -57,10 +62,18 @@ train_and_eval() {  # variant, seconds for training
   timeout 90 python3 scripts/evaluate.py --config="maml/configs/omniglot.py:$variant" \
     --workdir="$dir" >"$OUT/eval_${1//,/_}.log" 2>&1
   log "eval $variant exit $?: $(grep -A4 -- '---' "$OUT/eval_${1//,/_}.log" | tail -3 | tr '\n' ' ')"
+  if [[ $variant == 20way1shot*background* ]]; then
+    runs_zip=.runs/all_runs.zip
+    [ -f "$runs_zip" ] || runs_zip=../shared/data/omniglot_one_shot_runs/all_runs.zip
+    timeout 90 python3 scripts/evaluate_one_shot_runs.py --config="maml/configs/omniglot.py:$variant" \
+      --workdir="$dir" --runs="$runs_zip" >"$OUT/one_shot_runs_${1//,/_}.log" 2>&1
+    log "one-shot runs $variant exit $?: $(grep -- '<- report step' "$OUT/one_shot_runs_${1//,/_}.log")"
+  fi
 }
 # Finn's Table 1 in order of cost; each run gets at most its cap and leaves the
 # later ones their minimum (a run cut short saves a checkpoint and is evaluated).
 plan=("5way1shot 220 120" "20way1shot 330 60" "5way5shot 240 0" "20way5shot 400 0")
+[ -n "${PLAN:-}" ] && IFS=';' read -r -a plan <<<"$PLAN"
 for item in "${plan[@]}"; do
   read -r variant cap reserve <<<"$item"
   share=$(( $(left) - reserve - 60 ))
