@@ -67,14 +67,14 @@ def parse_args(argv=None):
     p.add_argument(
         "--cpu-devices",
         type=int,
-        default=1,
-        help="on the CPU, split the cores into this many XLA devices and shard the tasks",
+        help="on the CPU, split the cores into this many XLA devices and shard the tasks "
+        "(default: JAX's, 1 or XLA_FLAGS=--xla_force_host_platform_device_count)",
     )
     args = p.parse_args(argv)
     for name in ("n_way", "k_spt", "k_qry", "task_num", "steps", "rounds", "cpu_devices"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
-    if args.task_num % args.cpu_devices:
+    if args.cpu_devices and args.task_num % args.cpu_devices:
         p.error(
             f"--task-num={args.task_num} must be a multiple of --cpu-devices={args.cpu_devices}"
         )
@@ -192,7 +192,8 @@ def run_peer(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    if args.cpu_devices:
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     if args.compare_peer and args.first_order or args.algorithm != "maml" and args.compare_peer:
         print("error: the peer runs second-order MAML only; drop --compare-peer", file=sys.stderr)
         sys.exit(2)

@@ -1,5 +1,6 @@
 """The command-line scripts: invalid configs stop with one line and exit status 2."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,20 @@ def test_train_script_rejects_bad_values_before_compute(tmp_path, override, expe
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "w").exists()  # stopped before doing anything
+
+
+def test_train_script_keeps_xla_flags_device_count_without_cpu_devices(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=3")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), f"--config={CONFIG}"]
+        + [f"--workdir={tmp_path / 'w'}"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "multiple of the 3 devices" in result.stderr
 
 
 def test_unknown_variant_and_missing_config_file(tmp_path):
