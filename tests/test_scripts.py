@@ -53,12 +53,13 @@ def test_checkpoint_every_must_be_a_multiple_of_log_every():
         validate(config)
 
 
-def run(*args, cwd=ROOT):
+def run(*args, cwd=ROOT, env=None):
     return subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "train.py"), *args],
         capture_output=True,
         text=True,
         cwd=cwd,
+        env=env,
         timeout=120,
     )
 
@@ -86,15 +87,7 @@ def test_train_script_rejects_bad_values_before_compute(tmp_path, override, expe
 
 def test_train_script_keeps_xla_flags_device_count_without_cpu_devices(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=3")
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "train.py"), f"--config={CONFIG}"]
-        + [f"--workdir={tmp_path / 'w'}"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=120,
-    )
+    result = run(f"--config={CONFIG}", f"--workdir={tmp_path / 'w'}", env=env)
     assert result.returncode == 2 and "multiple of the 3 devices" in result.stderr
 
 
