@@ -11,7 +11,11 @@ state) over ``--steps`` meta-steps per device call, and prints one JSON line:
 ``tasks_per_s``, ``s_per_step``, ``compile_s``, memory, the device. With
 ``--compare-peer PYTHON`` it runs the peer with that interpreter in the same
 invocation, alternating ours and theirs ``--rounds`` times, and adds the
-peer's figures and the ratio of the medians.
+peer's figures and the ratio of the medians. With ``--profile DIR`` one more
+call runs under ``jax.profiler`` (a Perfetto trace in DIR) and the JSON line
+gains a summary of it: the device time a step spends in XLA ops, the fraction
+of the traced window in which an op ran (low means launch- or host-bound), and
+the ops that cost most.
 
 The image bank is random uint8 data of Omniglot's shape (1100 classes x 20
 drawings x 28 x 28) unless ``--data_dir`` points at the prepared dataset: the
@@ -20,6 +24,7 @@ tensors.
 """
 
 import argparse
+import gzip
 import json
 import statistics
 import subprocess
@@ -64,6 +69,7 @@ def parse_args(argv=None):
     p.add_argument("--peer-script", default=str(PEER))
     p.add_argument("--peer-steps", type=int, default=0, help="peer steps (default --steps)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", metavar="DIR", default="", help="trace one more call into DIR")
     p.add_argument(
         "--cpu-devices",
         type=int,
@@ -156,7 +162,72 @@ def time_ours(args):
         "compile_s": compile_s,
         "temp_mib": memory.temp_size_in_bytes / 2**20 if memory is not None else None,
     }
-    return result, timed
+
+    def profiled(log_dir: str) -> dict:
+        nonlocal state
+        with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+            state, metrics = chunk(state, args.steps)
+            jax.block_until_ready((state, metrics))
+        traces = sorted(Path(log_dir).glob("plugins/profile/*/perfetto_trace.json.gz"))
+        if not traces:
+            raise FileNotFoundError(f"jax.profiler wrote no perfetto_trace.json.gz in {log_dir}")
+        summary = summarize_trace(traces[-1], args.steps)
+        Path(log_dir, "profile_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    return result, timed, profiled
+
+
+def summarize_trace(path: Path, steps: int, top: int = 12) -> dict:
+    """Per-step totals of the XLA ops in a Perfetto trace of ``steps`` meta-steps.
+
+    Ops are the trace's events tagged with an ``hlo_op``; where the trace has a
+    device (``/device:...``) process, only its events count, so that on a GPU
+    these are the kernels as the device ran them. ``busy_fraction`` is the
+    share of the window from the first op's start to the last op's end in
+    which at least one op ran.
+    """
+    events = json.load(gzip.open(path))["traceEvents"]
+    processes = {
+        e["pid"]: e["args"]["name"]
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
+    ops = [
+        e for e in events if e.get("ph") == "X" and "hlo_op" in e.get("args", {}) and e["dur"] > 0
+    ]
+    device = [e for e in ops if processes.get(e["pid"], "").startswith("/device:")]
+    ops = device or ops
+    if not ops:
+        raise ValueError(f"no XLA ops in the trace {path}")
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in ops)
+    busy, end = 0.0, spans[0][0]
+    for start, stop in spans:  # the length of the union of the op intervals
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    window = end - spans[0][0]
+    by_op: dict[str, list[float]] = {}
+    for e in ops:
+        by_op.setdefault(e["args"]["hlo_op"], []).append(e["dur"])
+    total = sum(e["dur"] for e in ops)
+    ranked = sorted(by_op.items(), key=lambda kv: -sum(kv[1]))[:top]
+    return {
+        "where": "device" if device else "host",
+        "ops_per_step": len(ops) / steps,
+        "op_ms_per_step": total / 1e3 / steps,
+        "busy_ms_per_step": busy / 1e3 / steps,
+        "window_ms_per_step": window / 1e3 / steps,
+        "busy_fraction": busy / window if window else 1.0,
+        "top_ops": [
+            {
+                "hlo_op": name,
+                "ms_per_step": sum(durs) / 1e3 / steps,
+                "calls_per_step": len(durs) / steps,
+                "share": sum(durs) / total,
+            }
+            for name, durs in ranked
+        ],
+    }
 
 
 def run_peer(args):
@@ -197,7 +268,7 @@ def main(argv=None):
     if args.compare_peer and args.first_order or args.algorithm != "maml" and args.compare_peer:
         print("error: the peer runs second-order MAML only; drop --compare-peer", file=sys.stderr)
         sys.exit(2)
-    result, timed = time_ours(args)
+    result, timed, profiled = time_ours(args)
     ours, peers = [], []
     for _ in range(args.rounds):
         ours.append(timed())
@@ -225,6 +296,13 @@ def main(argv=None):
             peer_peak_mem_mib=peers[-1].get("peak_mem_mib"),
             speedup_vs_peer=result["tasks_per_s"] / peer_tps,
         )
+    if args.profile:
+        try:
+            summary = profiled(args.profile)
+            result["profile"] = {**summary, "top_ops": summary["top_ops"][:5]}
+        except Exception as e:  # the timings above stand without the profile
+            result["profile"] = {"error": f"{type(e).__name__}: {e}"}
+            print(f"warning: profiling failed: {result['profile']['error']}", file=sys.stderr)
     print(json.dumps(result))
 
 

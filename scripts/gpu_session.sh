@@ -3,8 +3,11 @@
 # default 540): the benchmark against the PyTorch peer on shapes A, B, C, the
 # memory of remat, then Finn's Table-1 Omniglot runs, each trained for as long
 # as the budget allows (a run cut short saves a checkpoint) and evaluated.
-# Results go to $OUT (default ./gpu_out): bench.jsonl, one log per step, and
-# runs.tar.gz with every run's metrics, eval.json and last checkpoint.
+# Results go to $OUT (default ./gpu_out), as few files as the device tool brings
+# back (8, two folders down at most): session.log, bench.jsonl (one JSON line
+# per benchmark, A's with a profile summary), logs.tar.gz (every step's log and
+# A's Perfetto trace, re-packed after each step) and run_VARIANT.tar.gz per
+# training run (metrics, eval.json, checkpoints).
 #
 # Needs the Omniglot cache (MAML_CACHE_DIR, default ./.cache/maml) rather than
 # tensorflow-datasets; wheels in ./.whl are installed first when present. The
@@ -12,12 +15,16 @@
 # as .peer/peer_torchfunc.py (cp ../shared/bench/peer_torchfunc.py .peer/) and
 # of Lake et al.'s runs as .runs/all_runs.zip, which ",background" 20-way runs
 # are evaluated on. BENCH=0 skips the benchmarks; PLAN="variant cap reserve;..."
-# replaces the training plan, e.g. PLAN="20way1shot,background 560 0".
+# replaces the training plan, e.g. PLAN="20way1shot,background 560 0". A run
+# cut short comes back as run_NAME.tar.gz; carried as .runs/run_NAME.tar.gz
+# into a later call, the same plan item resumes it from its last checkpoint.
 set -u
 budget=${1:-540}
 start=$(date +%s)
 OUT=${OUT:-$PWD/gpu_out}
-mkdir -p "$OUT"
+work=$(mktemp -d)
+logs=$work/logs runs=$work/runs
+mkdir -p "$OUT" "$logs" "$runs"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export MAML_CACHE_DIR=${MAML_CACHE_DIR:-$PWD/.cache/maml}
 # Carried wheels: ml_collections always; flax only where the installed one
@@ -29,6 +36,7 @@ python3 -c "from flax import nnx; nnx.List, nnx.to_pure_dict" 2>/dev/null \
   || { ls .whl/flax-*.whl >/dev/null 2>&1 && install .whl/flax-*.whl; }
 left() { echo $((budget - ($(date +%s) - start))); }
 log() { echo "[$(($(date +%s) - start))s] $*" | tee -a "$OUT/session.log"; }
+pack_logs() { tar -czf "$OUT/logs.tar.gz" -C "$work" logs; }
 
 nvidia-smi -L | tee -a "$OUT/session.log"
 python3 -c "import jax, flax, optax, orbax.checkpoint, ml_collections; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" 2>&1 | tee -a "$OUT/session.log"
@@ -36,8 +44,9 @@ python3 -c "import jax, flax, optax, orbax.checkpoint, ml_collections; print('ja
 bench() {  # name, then benchmark flags
   local name=$1; shift
   log "bench $name $*"
-  timeout 150 python3 scripts/benchmark.py "$@" >>"$OUT/bench.jsonl" 2>>"$OUT/bench.err" \
-    || log "bench $name failed: $(tail -2 "$OUT/bench.err")"
+  timeout 150 python3 scripts/benchmark.py "$@" >>"$OUT/bench.jsonl" 2>>"$logs/bench.err" \
+    || log "bench $name failed: $(tail -2 "$logs/bench.err")"
+  pack_logs
 }
 if [ "${BENCH:-1}" != 0 ]; then
 peer_script=.peer/peer_torchfunc.py
@@ -46,29 +55,37 @@ peer=(--compare-peer python3 --peer-script "$peer_script" --steps 100 --peer-ste
 bench A --n-way 5 --k-spt 1 --k-qry 15 --task-num 32 --inner-steps 1 --inner-lr 0.4 "${peer[@]}"
 bench B --n-way 20 --k-spt 1 --k-qry 15 --task-num 16 --inner-steps 5 --inner-lr 0.1 "${peer[@]}"
 bench C --n-way 5 --k-spt 5 --k-qry 15 --task-num 32 --inner-steps 5 --inner-lr 0.4 "${peer[@]}"
+# Where A's step goes: kernel time, device idle share, the costliest ops.
+bench A-profile --n-way 5 --k-spt 1 --k-qry 15 --task-num 32 --inner-steps 1 --inner-lr 0.4 \
+  --steps 10 --rounds 1 --profile "$logs/profile_A"
 bench A-phases --n-way 5 --k-spt 1 --k-qry 15 --task-num 32 --inner-steps 1 --inner-lr 0.4 --conv-impl phases --steps 100 --rounds 2
 bench B-remat --n-way 20 --k-spt 1 --k-qry 15 --task-num 16 --inner-steps 5 --inner-lr 0.1 --remat --steps 50 --rounds 2
 tail -n +1 "$OUT/bench.jsonl"
 fi
 
-runs=$OUT/runs
-mkdir -p "$runs"
 train_and_eval() {  # variant, seconds for training
-  local variant=$1 seconds=$2 dir=$runs/${1//,/_}
+  local variant=$1 seconds=$2 name=${1//,/_}
+  local dir=$runs/$name
+  # A run brought back by an earlier call and carried as .runs/run_NAME.tar.gz resumes.
+  if [ -f ".runs/run_$name.tar.gz" ]; then
+    tar -xzf ".runs/run_$name.tar.gz" -C "$runs" && log "resuming $variant from .runs/run_$name.tar.gz"
+  fi
   log "train $variant for at most ${seconds}s"
   timeout -s INT -k 20 "$seconds" python3 scripts/train.py \
-    --config="maml/configs/omniglot.py:$variant" --workdir="$dir" >"$OUT/train_${1//,/_}.log" 2>&1
+    --config="maml/configs/omniglot.py:$variant" --workdir="$dir" >"$logs/train_$name.log" 2>&1
   log "train $variant exit $? at step $(tail -1 "$dir/metrics.jsonl" 2>/dev/null | cut -c1-120)"
   timeout 90 python3 scripts/evaluate.py --config="maml/configs/omniglot.py:$variant" \
-    --workdir="$dir" >"$OUT/eval_${1//,/_}.log" 2>&1
-  log "eval $variant exit $?: $(grep -A4 -- '---' "$OUT/eval_${1//,/_}.log" | tail -3 | tr '\n' ' ')"
+    --workdir="$dir" >"$logs/eval_$name.log" 2>&1
+  log "eval $variant exit $?: $(grep -A4 -- '---' "$logs/eval_$name.log" | tail -3 | tr '\n' ' ')"
   if [[ $variant == 20way1shot*background* ]]; then
     runs_zip=.runs/all_runs.zip
     [ -f "$runs_zip" ] || runs_zip=../shared/data/omniglot_one_shot_runs/all_runs.zip
     timeout 90 python3 scripts/evaluate_one_shot_runs.py --config="maml/configs/omniglot.py:$variant" \
-      --workdir="$dir" --runs="$runs_zip" >"$OUT/one_shot_runs_${1//,/_}.log" 2>&1
-    log "one-shot runs $variant exit $?: $(grep -- '<- report step' "$OUT/one_shot_runs_${1//,/_}.log")"
+      --workdir="$dir" --runs="$runs_zip" >"$logs/one_shot_runs_$name.log" 2>&1
+    log "one-shot runs $variant exit $?: $(grep -- '<- report step' "$logs/one_shot_runs_$name.log")"
   fi
+  tar -czf "$OUT/run_$name.tar.gz" -C "$runs" "$name"
+  pack_logs
 }
 # Finn's Table 1 in order of cost; each run gets at most its cap and leaves the
 # later ones their minimum (a run cut short saves a checkpoint and is evaluated).
@@ -81,5 +98,5 @@ for item in "${plan[@]}"; do
   [ "$share" -lt 45 ] && { log "no time left for $variant"; continue; }
   train_and_eval "$variant" "$share"
 done
-tar -czf "$OUT/runs.tar.gz" -C "$OUT" runs && rm -rf "$runs"
+rm -rf "$work"
 log "done"
