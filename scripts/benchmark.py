@@ -187,7 +187,8 @@ def summarize_trace(path: Path, steps: int, top: int = 12) -> dict:
     share of the window from the first op's start to the last op's end in
     which at least one op ran.
     """
-    events = json.load(gzip.open(path))["traceEvents"]
+    with gzip.open(path) as f:
+        events = json.load(f)["traceEvents"]
     processes = {
         e["pid"]: e["args"]["name"]
         for e in events
