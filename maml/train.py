@@ -13,6 +13,7 @@ latest one and ends bit for bit where an uninterrupted run ends.
 import dataclasses
 import functools
 import json
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -404,6 +405,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         manager.save(int(state.step), args=ocp.args.StandardSave(state), force=True)
         manager.wait_until_finished()
         bar.close()
+        if is_main:
+            print(
+                f"interrupted: saved a checkpoint at step {int(state.step)} in {workdir};"
+                " run the same command again to resume",
+                file=sys.stderr,
+            )
         raise
     manager.wait_until_finished()
     bar.close()

@@ -35,8 +35,15 @@ def _one_line(error: Exception) -> str:
 
 
 def run(main) -> None:
-    """``absl.app.run`` with flag errors (bad --config, bad override) as exit status 2."""
-    app.run(main, flags_parser=_parse_flags)
+    """``absl.app.run`` with flag errors (bad --config, bad override) as exit status 2.
+
+    Ctrl-C ends with status 130 and no traceback: training saves a checkpoint and
+    says so before it gets here.
+    """
+    try:
+        app.run(main, flags_parser=_parse_flags)
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 def checked_config():

@@ -70,6 +70,29 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert strip(log("full")) == strip(log("resumed"))
 
 
+def test_ctrl_c_saves_the_last_step_and_resumes_bit_for_bit(tmp_path, monkeypatch, capsys):
+    full = train.train_and_evaluate(tiny(), tmp_path / "full")
+
+    class InterruptedBar(train.tqdm):
+        updates = 0
+
+        def update(self, n=1):
+            super().update(n)
+            InterruptedBar.updates += 1
+            if InterruptedBar.updates == 3:  # step 150: between checkpoints (every 100)
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "tqdm", InterruptedBar)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(tiny(), tmp_path / "resumed")
+    assert "interrupted: saved a checkpoint at step 150" in capsys.readouterr().err
+    saved = sorted(int(p.name) for p in (tmp_path / "resumed" / "checkpoints").iterdir())
+    assert saved[-1] == 150
+    monkeypatch.undo()
+    resumed = train.train_and_evaluate(tiny(), tmp_path / "resumed")
+    jax.tree.map(np.testing.assert_array_equal, resumed.params, full.params)
+
+
 def test_resume_drops_log_lines_past_the_checkpoint(tmp_path):
     config = tiny(num_steps=100)
     train.train_and_evaluate(config, tmp_path)
