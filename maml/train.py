@@ -359,6 +359,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         disable=not is_main,
     )
     t0 = time.perf_counter()
+
+    def chunk_record(step, metrics) -> dict:
+        return {
+            "step": step,
+            **{k: float(np.mean(v)) for k, v in jax.device_get(metrics).items()},
+            "wall_s": round(time.perf_counter() - t0, 3),
+        }
+
+    def log(record: dict) -> None:
+        if is_main:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    logged, metrics = start, None
     try:
         while int(state.step) < config.num_steps:
             step = int(state.step)
@@ -367,13 +381,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             # uninterrupted one.
             num = min(config.log_every - step % config.log_every, config.num_steps - step)
             state, metrics = train_chunk(state, num)
-            metrics = jax.device_get(metrics)
             step += num
-            record = {
-                "step": step,
-                **{k: float(np.mean(v)) for k, v in metrics.items()},
-                "wall_s": round(time.perf_counter() - t0, 3),
-            }
+            record = chunk_record(step, metrics)
             if val_task is not None and step % config.eval_every == 0:
                 curve = adaptation_curve(
                     exp,
@@ -386,9 +395,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                     batch_size=min(config.num_val_tasks, config.get("eval_batch_size", 100)),
                 )
                 record[f"val_{val_task.metric}"] = float(curve[-1].mean())
-            if is_main:
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
+            log(record)
+            logged = step
             if step % config.checkpoint_every == 0 or step == config.num_steps:
                 manager.save(step, args=ocp.args.StandardSave(state))
             bar.update(num)
@@ -402,12 +410,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     except KeyboardInterrupt:
         # The state returned by the last dispatched chunk is whole once it is
         # computed; keep it so that no finished work is lost.
-        manager.save(int(state.step), args=ocp.args.StandardSave(state), force=True)
+        step = int(state.step)
+        if step > logged:  # interrupted between the chunk and its log line
+            log(chunk_record(step, metrics))  # without the validation, if one was due
+        manager.save(step, args=ocp.args.StandardSave(state), force=True)
         manager.wait_until_finished()
         bar.close()
         if is_main:
             print(
-                f"interrupted: saved a checkpoint at step {int(state.step)} in {workdir};"
+                f"interrupted: saved a checkpoint at step {step} in {workdir};"
                 " run the same command again to resume",
                 file=sys.stderr,
             )

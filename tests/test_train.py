@@ -93,6 +93,36 @@ def test_ctrl_c_saves_the_last_step_and_resumes_bit_for_bit(tmp_path, monkeypatc
     jax.tree.map(np.testing.assert_array_equal, resumed.params, full.params)
 
 
+def test_ctrl_c_during_validation_still_logs_the_chunk(tmp_path, monkeypatch):
+    def config():
+        return tiny(eval_every=50, num_val_tasks=4)
+
+    train.train_and_evaluate(config(), tmp_path / "full")
+    validate, calls = train.adaptation_curve, []
+
+    def interrupted_at_150(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == 3:  # validations at 50, 100, 150; checkpoints every 100
+            raise KeyboardInterrupt
+        return validate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "adaptation_curve", interrupted_at_150)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(config(), tmp_path / "resumed")
+    monkeypatch.undo()
+
+    def records(run):
+        return [json.loads(s) for s in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    last = records("resumed")[-1]
+    assert last["step"] == 150 and "val_mse" not in last  # the chunk's line, without its validation
+    train.train_and_evaluate(config(), tmp_path / "resumed")
+    dropped = ("wall_s", "val_mse")
+    assert [{k: v for k, v in r.items() if k not in dropped} for r in records("resumed")] == [
+        {k: v for k, v in r.items() if k not in dropped} for r in records("full")
+    ]
+
+
 def test_resume_drops_log_lines_past_the_checkpoint(tmp_path):
     config = tiny(num_steps=100)
     train.train_and_evaluate(config, tmp_path)
