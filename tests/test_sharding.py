@@ -23,27 +23,34 @@ print(jax.device_count())
 """
 
 
-def run(tmp_path, num_devices):
+def start(tmp_path, num_devices):
     env = dict(
         os.environ,
         XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
         JAX_PLATFORMS="cpu",
     )
     out = tmp_path / f"params{num_devices}.npy"
-    result = subprocess.run(
+    process = subprocess.Popen(
         [sys.executable, "-c", TRAIN, str(tmp_path / f"run{num_devices}"), str(out)],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         env=env,
         cwd=ROOT,
-        timeout=300,
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split()[-1] == str(num_devices)
+    return process, out
+
+
+def finish(process, out, num_devices):
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-2000:]
+    assert stdout.split()[-1] == str(num_devices)
     return np.load(out)
 
 
 def test_four_devices_match_one(tmp_path):
-    one, four = run(tmp_path, 1), run(tmp_path, 4)
+    # Side by side: each process spends most of its time importing and compiling.
+    runs = {n: start(tmp_path, n) for n in (1, 4)}
+    one, four = (finish(*runs[n], n) for n in (1, 4))
     np.testing.assert_allclose(four, one, rtol=1e-5, atol=1e-6)
     assert not np.array_equal(one, np.zeros_like(one))
