@@ -350,6 +350,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     val_task = build_task(config, "validation") if config.get("eval_every", 0) else None
     train_chunk = make_train_chunk(exp, train_key)
+    if is_main:
+        print(
+            f"{config.task}/{config.algorithm}: meta-batch {config.meta_batch_size} sharded over "
+            f"{jax.device_count()} {jax.default_backend()} device(s) in "
+            f"{jax.process_count()} process(es); {workdir}",
+            file=sys.stderr,
+        )
     bar = tqdm(
         total=config.num_steps,
         initial=start,
