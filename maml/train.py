@@ -10,10 +10,13 @@ per-step metrics, which the host averages, logs and writes to
 latest one and ends bit for bit where an uninterrupted run ends.
 """
 
+import contextlib
 import dataclasses
 import functools
 import json
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -325,6 +328,29 @@ def _truncate_metrics(path: Path, step: int) -> None:
         path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
+@contextlib.contextmanager
+def _signals_deferred():
+    """Holds SIGINT and SIGTERM back until the block ends, then delivers them.
+
+    ``train_chunk`` donates the old state: an interrupt raised after the call
+    has taken its buffers but before its result is assigned would leave the
+    loop with neither the old state nor the new one to save.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread receives signals in Python
+        return
+    received = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in received:  # to the handler restored above: raise, ignore or terminate
+            signal.raise_signal(s)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
     """Meta-trains ``config`` in ``workdir``, resuming from its latest checkpoint."""
     workdir = Path(workdir)
@@ -387,7 +413,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             # same chunk boundaries (and so the same computation) as an
             # uninterrupted one.
             num = min(config.log_every - step % config.log_every, config.num_steps - step)
-            state, metrics = train_chunk(state, num)
+            with _signals_deferred():
+                state, metrics = train_chunk(state, num)
             step += num
             record = chunk_record(step, metrics)
             if val_task is not None and step % config.eval_every == 0:

@@ -1,6 +1,7 @@
 """What the scripts share: config flags, and turning user errors into one line and exit 2."""
 
 import contextlib
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -34,14 +35,28 @@ def _one_line(error: Exception) -> str:
     return lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be, so that it takes the same path."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
 def run(main) -> None:
     """``absl.app.run`` with flag errors (bad --config, bad override) as exit status 2.
 
-    Ctrl-C ends with status 130 and no traceback: training saves a checkpoint and
-    says so before it gets here.
+    Ctrl-C ends with status 130, SIGTERM with 143, neither with a traceback:
+    training saves a checkpoint and says so before it gets here. SIGTERM is what
+    a batch scheduler (SLURM, Kubernetes) sends before it kills a job, and what
+    ``kill PID`` sends to a run started in the background, where the shell has
+    SIGINT ignored.
     """
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         app.run(main, flags_parser=_parse_flags)
+    except Terminated:
+        sys.exit(128 + signal.SIGTERM)
     except KeyboardInterrupt:
         sys.exit(130)
 

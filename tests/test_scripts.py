@@ -1,6 +1,10 @@
-"""The command-line scripts: invalid configs stop with one line and exit status 2."""
+"""The command-line scripts: invalid configs stop with one line and exit status 2;
+SIGTERM saves a checkpoint."""
 
+import json
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -113,3 +117,34 @@ def test_evaluate_script_without_checkpoint(tmp_path):
     )
     assert result.returncode == 2
     assert "no checkpoint" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
+    # What a batch scheduler sends before it kills a job (and `kill PID` to a run
+    # started in the background, where SIGINT is ignored): no finished work is lost.
+    args = [f"--config={CONFIG}:tiny", f"--workdir={tmp_path}", "--config.checkpoint_every=500000"]
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), *args]
+    proc = subprocess.Popen(
+        [*cmd, "--config.num_steps=1000000"], stderr=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    seen = ""
+    while "loss=" not in seen:  # the progress bar shows the first chunk's loss
+        char = proc.stderr.read(1)
+        assert char, f"train.py ended before its first chunk: {seen}"
+        seen += char
+    proc.send_signal(signal.SIGTERM)
+    _, rest = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, seen + rest
+    assert "Traceback" not in rest
+    saved = re.search(r"interrupted: saved a checkpoint at step (\d+)", rest)
+    assert saved, rest
+    step = int(saved.group(1))
+    assert step >= 50 and step % 50 == 0
+    assert (tmp_path / "checkpoints" / str(step)).is_dir()
+
+    result = subprocess.run(
+        [*cmd, f"--config.num_steps={step + 50}"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    logged = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").open()]
+    assert logged == list(range(50, step + 51, 50))

@@ -1,6 +1,7 @@
 """Meta-training end to end on tiny configs: learning, resuming, evaluating."""
 
 import json
+import signal
 
 import jax
 import numpy as np
@@ -90,6 +91,36 @@ def test_ctrl_c_saves_the_last_step_and_resumes_bit_for_bit(tmp_path, monkeypatc
     assert saved[-1] == 150
     monkeypatch.undo()
     resumed = train.train_and_evaluate(tiny(), tmp_path / "resumed")
+    jax.tree.map(np.testing.assert_array_equal, resumed.params, full.params)
+
+
+def test_ctrl_c_inside_the_chunk_call_after_donation_loses_nothing(tmp_path, monkeypatch, capsys):
+    # The chunk donates the old state; a Ctrl-C delivered before its result is
+    # assigned must wait for the assignment, else nothing is left to save.
+    full = train.train_and_evaluate(tiny(), tmp_path / "full")
+    make_chunk, donated = train.make_train_chunk, []
+
+    def make_interrupted_chunk(*args, **kwargs):
+        chunk, calls = make_chunk(*args, **kwargs), []
+
+        def interrupted(state, num):
+            new = chunk(state, num)
+            calls.append(None)
+            if len(calls) == 3:  # after steps 100..150, which took the step-100 state
+                donated.extend(leaf.is_deleted() for leaf in jax.tree.leaves(state))
+                signal.raise_signal(signal.SIGINT)
+            return new
+
+        return interrupted
+
+    monkeypatch.setattr(train, "make_train_chunk", make_interrupted_chunk)
+    # No checkpoint at 100: saving one holds the buffers, which are then copied, not donated.
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(tiny(checkpoint_every=200), tmp_path / "resumed")
+    assert "interrupted: saved a checkpoint at step 150" in capsys.readouterr().err
+    assert donated and all(donated)
+    monkeypatch.undo()
+    resumed = train.train_and_evaluate(tiny(checkpoint_every=200), tmp_path / "resumed")
     jax.tree.map(np.testing.assert_array_equal, resumed.params, full.params)
 
 
