@@ -37,6 +37,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
             inner_lr=config.get("eval_inner_lr", config.inner_lr),
             num_inner_steps=config.eval_inner_steps,
             batch_size=min(config.num_eval_tasks, config.get("eval_batch_size", 100)),
+            progress=f"{config.task} K={shots}",
         )
         results[str(shots)] = {"inner_steps": steps, **summarize(values)}
     evaluation = {

@@ -240,9 +240,20 @@ def make_train_chunk(exp: Experiment, train_key: jax.Array):
 
 
 def adaptation_curve(
-    exp: Experiment, params, task, key, *, num_tasks, inner_lr, num_inner_steps, batch_size
+    exp: Experiment,
+    params,
+    task,
+    key,
+    *,
+    num_tasks,
+    inner_lr,
+    num_inner_steps,
+    batch_size,
+    progress: str | None = None,
 ):
     """Query metric of ``num_tasks`` fresh tasks after 0..``num_inner_steps`` SGD steps.
+
+    ``progress``, if given, labels a progress bar over the batches of tasks.
 
     Returns:
       ``(num_inner_steps + 1, num_tasks)`` numpy array of ``task.metric``.
@@ -266,7 +277,14 @@ def adaptation_curve(
         return jax.vmap(one_task, out_axes=1)(episode["support"], episode["query"])
 
     num_batches = -(-num_tasks // batch_size)
-    out = [np.asarray(curve(params, jax.random.fold_in(key, b))) for b in range(num_batches)]
+    batches = tqdm(
+        range(num_batches),
+        desc=progress,
+        unit="batch",
+        dynamic_ncols=True,
+        disable=progress is None or jax.process_index() != 0,
+    )
+    out = [np.asarray(curve(params, jax.random.fold_in(key, b))) for b in batches]
     return np.concatenate(out, axis=1)[:, :num_tasks]
 
 

@@ -164,10 +164,13 @@ def test_resume_drops_log_lines_past_the_checkpoint(tmp_path):
     assert steps == [50, 100, 150, 200]
 
 
-def test_evaluate_writes_eval_json(tmp_path):
-    config = tiny(num_steps=50, checkpoint_every=50, eval_shots=(5, 10))
+def test_evaluate_writes_eval_json(tmp_path, capsys):
+    config = tiny(num_steps=50, checkpoint_every=50, eval_shots=(5, 10), eval_batch_size=8)
     train.train_and_evaluate(config, tmp_path)
+    capsys.readouterr()
     result = evaluate.evaluate(config, tmp_path)
+    bar = capsys.readouterr().err  # 20 tasks in batches of 8, a bar per K
+    assert "sinusoid K=5" in bar and "sinusoid K=10" in bar and "3/3" in bar
     on_disk = json.loads((tmp_path / "eval.json").read_text())
     assert on_disk == result
     assert result["metric"] == "mse" and result["num_tasks"] == config.num_eval_tasks
