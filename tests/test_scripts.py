@@ -119,13 +119,22 @@ def test_evaluate_script_without_checkpoint(tmp_path):
     assert "no checkpoint" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
+def test_sigterm_saves_a_checkpoint(tmp_path):
     # What a batch scheduler sends before it kills a job (and `kill PID` to a run
     # started in the background, where SIGINT is ignored): no finished work is lost.
-    args = [f"--config={CONFIG}:tiny", f"--workdir={tmp_path}", "--config.checkpoint_every=500000"]
-    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), *args]
+    # (tests/test_train.py checks that a run resumed from such a checkpoint ends bit for bit.)
     proc = subprocess.Popen(
-        [*cmd, "--config.num_steps=1000000"], stderr=subprocess.PIPE, text=True, cwd=ROOT
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "train.py"),
+            f"--config={CONFIG}:tiny",
+            f"--workdir={tmp_path}",
+            "--config.num_steps=1000000",
+            "--config.checkpoint_every=500000",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
     )
     seen = ""
     while "loss=" not in seen:  # the progress bar shows the first chunk's loss
@@ -141,10 +150,5 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
     step = int(saved.group(1))
     assert step >= 50 and step % 50 == 0
     assert (tmp_path / "checkpoints" / str(step)).is_dir()
-
-    result = subprocess.run(
-        [*cmd, f"--config.num_steps={step + 50}"], capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr
     logged = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").open()]
-    assert logged == list(range(50, step + 51, 50))
+    assert logged == list(range(50, step + 1, 50))
