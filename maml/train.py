@@ -260,10 +260,17 @@ def adaptation_curve(
     """
 
     rates = exp.inner_rates(inner_lr)
+    # The tasks of a batch are split over the mesh as in training, when they
+    # divide evenly; the same tasks are drawn whatever the device count. The
+    # metrics come back replicated, so every process can read them.
+    replicated = jax.sharding.NamedSharding(exp.mesh, jax.sharding.PartitionSpec())
+    tasks = replicated
+    if batch_size % exp.mesh.size == 0:
+        tasks = jax.sharding.NamedSharding(exp.mesh, jax.sharding.PartitionSpec("tasks"))
 
-    @jax.jit
+    @functools.partial(jax.jit, out_shardings=replicated)
     def curve(params, key):
-        episode = task.sample(key, batch_size)
+        episode = jax.lax.with_sharding_constraint(task.sample(key, batch_size), tasks)
 
         def one_task(support, query):
             def step(p, _):

@@ -13,6 +13,15 @@ config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally path:variant.", lock_config=True
 )
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, plots.")
+flags.DEFINE_integer(
+    "cpu_devices",
+    None,
+    "On the CPU backend, split the cores into this many XLA devices and shard the "
+    "tasks over them (config.meta_batch_size must divide by it). 2 on a 2-core "
+    "machine ran the Omniglot meta-step 10-15% faster than 1. Unset: JAX's default "
+    "(1, or XLA_FLAGS=--xla_force_host_platform_device_count).",
+    lower_bound=1,
+)
 
 
 def fail(message: str) -> None:
@@ -62,7 +71,7 @@ def run(main) -> None:
 
 
 def checked_config():
-    """The ``--config`` flag's config, validated before any compute."""
+    """The ``--config`` flag's config, validated before any compute; applies ``--cpu_devices``."""
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     config = flags.FLAGS.config
     if config is None:
@@ -75,6 +84,10 @@ def checked_config():
         fail(str(e))
     except OSError as e:  # the config file itself could not be loaded
         fail(_one_line(e))
+    if flags.FLAGS.cpu_devices is not None:
+        import jax
+
+        jax.config.update("jax_num_cpu_devices", flags.FLAGS.cpu_devices)
     return config
 
 

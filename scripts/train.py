@@ -24,25 +24,14 @@ flags.DEFINE_bool(
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (--multihost).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (--multihost).")
 flags.DEFINE_integer("process_id", None, "This process's rank, 0..num_processes-1.")
-flags.DEFINE_integer(
-    "cpu_devices",
-    None,
-    "On the CPU backend, split the cores into this many XLA devices and shard the "
-    "meta-batch over them (config.meta_batch_size must divide by it). 2 on a 2-core "
-    "machine ran the Omniglot meta-step 10-15% faster than 1. Unset: JAX's default "
-    "(1, or XLA_FLAGS=--xla_force_host_platform_device_count).",
-    lower_bound=1,
-)
 
 
 def main(argv):
     del argv
     config = _common.checked_config()
-    import jax
-
-    if flags.FLAGS.cpu_devices is not None:
-        jax.config.update("jax_num_cpu_devices", flags.FLAGS.cpu_devices)
     if flags.FLAGS.multihost:
+        import jax
+
         jax.distributed.initialize(
             coordinator_address=flags.FLAGS.coordinator_address,
             num_processes=flags.FLAGS.num_processes,

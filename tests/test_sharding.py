@@ -21,7 +21,15 @@ config = sinusoid.get_config("tiny")
 config.update(num_steps=20, log_every=10, checkpoint_every=20, meta_batch_size=8)
 state = train.train_and_evaluate(config, sys.argv[1])
 assert len(state.params["layers"][0]["kernel"].sharding.device_set) == jax.device_count()
-np.save(sys.argv[2], np.asarray(ravel_pytree(state.params)[0]))
+exp = train.build_experiment(config)
+# 8 tasks a batch split over the 4 devices, 6 not (replicated): the same tasks either way.
+curves = [
+    train.adaptation_curve(exp, state.params, exp.task, jax.random.key(7), num_tasks=12,
+                           inner_lr=config.inner_lr, num_inner_steps=2, batch_size=b)
+    for b in (8, 6)
+]
+np.save(sys.argv[2], np.concatenate([np.asarray(ravel_pytree(state.params)[0])]
+                                    + [c.ravel() for c in curves]))
 print(jax.device_count())
 """
 
@@ -75,6 +83,8 @@ def train_script(workdir, *args):
         "--config.log_every=10",
         "--config.checkpoint_every=20",
         "--config.meta_batch_size=8",
+        "--config.eval_every=10",
+        "--config.num_val_tasks=8",
         *args,
     ]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -121,6 +131,15 @@ def test_two_processes_match_one_process_on_two_devices(tmp_path):
         assert step == 20
         params[name] = np.asarray(ravel_pytree(restored)[0])
     np.testing.assert_allclose(params["multihost"], params["single"], rtol=1e-5, atol=1e-6)
-    # Only process 0 logs: one line per chunk, not two.
-    lines = (tmp_path / "multihost" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in lines] == [10, 20]
+    # Only process 0 logs: one line per chunk, not two. The validation tasks,
+    # split over the two processes' devices, score as on one process.
+    records = {
+        name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").open()]
+        for name in ("multihost", "single")
+    }
+    assert [r["step"] for r in records["multihost"]] == [10, 20]
+    np.testing.assert_allclose(
+        [r["val_mse"] for r in records["multihost"]],
+        [r["val_mse"] for r in records["single"]],
+        rtol=1e-5,
+    )
