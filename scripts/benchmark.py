@@ -26,6 +26,7 @@ tensors.
 import argparse
 import gzip
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -159,6 +160,7 @@ def time_ours(args):
         "device": str(jax.devices()[0].device_kind),
         "platform": jax.default_backend(),
         "num_devices": jax.device_count(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "compile_s": compile_s,
         "temp_mib": memory.temp_size_in_bytes / 2**20 if memory is not None else None,
     }

@@ -58,6 +58,12 @@ bench C --n-way 5 --k-spt 5 --k-qry 15 --task-num 32 --inner-steps 5 --inner-lr 
 # Where A's step goes: kernel time, device idle share, the costliest ops.
 bench A-profile --n-way 5 --k-spt 1 --k-qry 15 --task-num 32 --inner-steps 1 --inner-lr 0.4 \
   --steps 10 --rounds 1 --profile "$logs/profile_A"
+# Is A bound by kernel launches? The same step with XLA's CUDA graphs (command
+# buffers) off, then with the scan's loop body captured too.
+a_alone=(--n-way 5 --k-spt 1 --k-qry 15 --task-num 32 --inner-steps 1 --inner-lr 0.4 --steps 100 --rounds 2)
+XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" bench A-no-graphs "${a_alone[@]}"
+XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE" \
+  bench A-graph-loops "${a_alone[@]}"
 bench A-phases --n-way 5 --k-spt 1 --k-qry 15 --task-num 32 --inner-steps 1 --inner-lr 0.4 --conv-impl phases --steps 100 --rounds 2
 bench B-remat --n-way 20 --k-spt 1 --k-qry 15 --task-num 16 --inner-steps 5 --inner-lr 0.1 --remat --steps 50 --rounds 2
 tail -n +1 "$OUT/bench.jsonl"
