@@ -2,7 +2,8 @@
 after 0..``eval_inner_steps`` inner SGD steps, mean and 95% CI, per shot K.
 
 ``evaluate(config, workdir)`` is what ``scripts/evaluate.py`` calls; it writes
-``workdir/eval.json`` and ``workdir/plots/eval.png`` (Finn et al.'s Figure 3).
+``workdir/eval.json`` and ``workdir/plots/eval.png`` (Finn et al.'s Figure 3),
+or ``eval_best.json`` and ``eval_best.png`` for the best-validation checkpoint.
 """
 
 import dataclasses
@@ -16,10 +17,13 @@ from maml import plots
 from maml.train import adaptation_curve, restore_params, root_keys, summarize
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """Evaluates the latest checkpoint in ``workdir``; returns what ``eval.json`` holds."""
+def evaluate(
+    config: ml_collections.ConfigDict, workdir: str | Path, checkpoint: str = "latest"
+) -> dict:
+    """Evaluates the ``latest`` or ``best`` (validation) checkpoint in ``workdir``;
+    returns what ``eval.json`` (``eval_best.json``) holds."""
     workdir = Path(workdir)
-    exp, params, step = restore_params(config, workdir)
+    exp, params, step = restore_params(config, workdir, checkpoint)
     _, eval_key = root_keys(config.seed)
     # Steps of the eval stream are negative-free: fold in a tag far from any
     # validation step used during training.
@@ -43,12 +47,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     evaluation = {
         "metric": exp.task.metric,
         "num_tasks": config.num_eval_tasks,
+        "checkpoint": checkpoint,
         "checkpoint_step": step,
         "results": results,
     }
-    (workdir / "eval.json").write_text(json.dumps(evaluation, indent=2) + "\n")
+    name = "eval" if checkpoint == "latest" else f"eval_{checkpoint}"
+    (workdir / f"{name}.json").write_text(json.dumps(evaluation, indent=2) + "\n")
     (workdir / "plots").mkdir(exist_ok=True)
-    plots.adaptation_curves(evaluation, workdir / "plots" / "eval.png")
+    plots.adaptation_curves(evaluation, workdir / "plots" / f"{name}.png")
     return evaluation
 
 

@@ -7,7 +7,9 @@ meta-steps in one ``lax.scan`` (episodes sampled inside it with
 per-step metrics, which the host averages, logs and writes to
 ``workdir/metrics.jsonl``. Checkpoints (orbax) land in
 ``workdir/checkpoints``; running the same command again resumes from the
-latest one and ends bit for bit where an uninterrupted run ends.
+latest one and ends bit for bit where an uninterrupted run ends. With
+validation on (``config.eval_every``), ``workdir/best_checkpoint`` holds the
+state with the best validation metric so far.
 """
 
 import contextlib
@@ -313,15 +315,29 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be restored; the message is one line for the user."""
 
 
-def checkpoint_manager(workdir: Path) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(
-        (workdir / "checkpoints").absolute(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=3, create=True),
-    )
+CHECKPOINTS = {"latest": "checkpoints", "best": "best_checkpoint"}
+"""Which checkpoint to restore, and the ``workdir`` folder it lives in."""
+
+
+def checkpoint_manager(
+    workdir: Path, which: str = "latest", metric: str = "accuracy"
+) -> ocp.CheckpointManager:
+    """``latest``: the last 3 saves, for resuming; ``best``: the state with the best
+    validation ``metric`` so far (highest accuracy, lowest error), one save."""
+    if which == "latest":
+        options = ocp.CheckpointManagerOptions(max_to_keep=3, create=True)
+    else:
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=1,
+            create=True,
+            best_fn=lambda m: m[f"val_{metric}"],
+            best_mode="max" if metric == "accuracy" else "min",
+        )
+    return ocp.CheckpointManager((workdir / CHECKPOINTS[which]).absolute(), options=options)
 
 
 def restore_latest(manager: ocp.CheckpointManager, target: TrainState) -> TrainState | None:
-    """The latest checkpoint restored into ``target``'s structure, or ``None`` if none."""
+    """The manager's latest checkpoint restored into ``target``'s structure, or ``None``."""
     step = manager.latest_step()
     if step is None:
         return None
@@ -400,6 +416,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     start = int(state.step)
 
     val_task = build_task(config, "validation") if config.get("eval_every", 0) else None
+    if val_task is not None:
+        best = checkpoint_manager(workdir, "best", val_task.metric)
+        for later in [s for s in best.all_steps() if s > start]:
+            best.delete(later)  # from steps this run replays: it saves them again
     train_chunk = make_train_chunk(exp, train_key)
     if is_main:
         print(
@@ -454,6 +474,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                     batch_size=min(config.num_val_tasks, config.get("eval_batch_size", 100)),
                 )
                 record[f"val_{val_task.metric}"] = float(curve[-1].mean())
+                # Kept only while it is the best validation so far.
+                best.save(
+                    step,
+                    args=ocp.args.StandardSave(state),
+                    metrics={f"val_{val_task.metric}": record[f"val_{val_task.metric}"]},
+                )
             log(record)
             logged = step
             if step % config.checkpoint_every == 0 or step == config.num_steps:
@@ -474,6 +500,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             log(chunk_record(step, metrics))  # without the validation, if one was due
         manager.save(step, args=ocp.args.StandardSave(state), force=True)
         manager.wait_until_finished()
+        if val_task is not None:
+            best.wait_until_finished()
         bar.close()
         if is_main:
             print(
@@ -484,8 +512,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         raise
     manager.wait_until_finished()
     bar.close()
+    if val_task is not None:
+        best.wait_until_finished()
     if not is_main:
         return state
+    if val_task is not None and best.latest_step() is not None:
+        name = f"val_{val_task.metric}"
+        print(
+            f"best {name} {best.metrics(best.latest_step())[name]:.4g} at step "
+            f"{best.latest_step()}: {workdir / CHECKPOINTS['best']} (evaluate it with "
+            "--checkpoint=best)",
+            file=sys.stderr,
+        )
 
     from maml import plots
 
@@ -501,17 +539,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
 
 def restore_params(
-    config: ml_collections.ConfigDict, workdir: str | Path
+    config: ml_collections.ConfigDict, workdir: str | Path, which: str = "latest"
 ) -> tuple[Experiment, PyTree, int]:
-    """``(experiment, params, step)`` of the latest checkpoint in ``workdir``."""
+    """``(experiment, params, step)`` of the ``latest`` or ``best`` checkpoint in ``workdir``."""
     workdir = Path(workdir)
     exp = build_experiment(config, "test")
+    folder = workdir / CHECKPOINTS[which]
     state = None
-    if (workdir / "checkpoints").is_dir():
-        state = restore_latest(checkpoint_manager(workdir), init_state(exp))
+    if folder.is_dir():
+        state = restore_latest(checkpoint_manager(workdir, which, exp.task.metric), init_state(exp))
     if state is None:
-        raise CheckpointError(
-            f"no checkpoint in {workdir / 'checkpoints'}: train first with "
-            f"scripts/train.py --workdir={workdir}."
+        how = (
+            f"train first with scripts/train.py --workdir={workdir}"
+            if which == "latest"
+            else "it is written when validation runs: train with config.eval_every > 0"
         )
+        raise CheckpointError(f"no checkpoint in {folder}: {how}.")
     return exp, state.params, int(state.step)

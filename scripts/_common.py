@@ -24,6 +24,17 @@ flags.DEFINE_integer(
 )
 
 
+def define_checkpoint_flag():
+    """``--checkpoint``, for the scripts that restore a trained model."""
+    return flags.DEFINE_enum(
+        "checkpoint",
+        "latest",
+        ["latest", "best"],
+        "Which checkpoint of --workdir: the latest, or the one with the best validation "
+        "metric during training (written when config.eval_every > 0).",
+    )
+
+
 def fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)

@@ -4,7 +4,8 @@
 
 Writes WORKDIR/eval.json (metric mean and 95% CI for 0..eval_inner_steps inner
 steps, per K in config.eval_shots), prints it as a table, and saves
-WORKDIR/plots/eval.png.
+WORKDIR/plots/eval.png. ``--checkpoint=best`` evaluates the checkpoint with the
+best validation metric instead (eval_best.json, plots/eval_best.png).
 """
 
 from absl import flags
@@ -13,12 +14,14 @@ from maml import evaluate
 
 import _common
 
+CHECKPOINT = _common.define_checkpoint_flag()
+
 
 def main(argv):
     del argv
     config = _common.checked_config()
     with _common.user_errors():
-        result = evaluate.evaluate(config, flags.FLAGS.workdir)
+        result = evaluate.evaluate(config, flags.FLAGS.workdir, CHECKPOINT.value)
     print(evaluate.format_table(result))
 
 

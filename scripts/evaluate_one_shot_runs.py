@@ -3,13 +3,14 @@
     python scripts/evaluate_one_shot_runs.py \
         --config=maml/configs/omniglot.py:20way1shot,background --workdir=runs/o20w1s_bg
 
-Adapts the latest checkpoint in --workdir on each run's 20 training images
-with the config's eval_inner_lr, for 0..eval_inner_steps steps, and writes
-WORKDIR/one_shot_runs.json (error per run and overall, per step, beside the
-published error rates of people and Bayesian Program Learning), then prints a
-table. The runs use the evaluation alphabets, so a fair comparison needs a
-model meta-trained on the background alphabets only (split_protocol
-"background").
+Adapts the latest checkpoint in --workdir (--checkpoint=best: the one with the
+best validation accuracy) on each run's 20 training images with the config's
+eval_inner_lr, for 0..eval_inner_steps steps, and writes
+WORKDIR/one_shot_runs.json (one_shot_runs_best.json): error per run and
+overall, per step, beside the published error rates of people and Bayesian
+Program Learning; then prints a table. The runs use the evaluation alphabets,
+so a fair comparison needs a model meta-trained on the background alphabets
+only (split_protocol "background").
 """
 
 import json
@@ -22,6 +23,8 @@ from maml import one_shot_runs, train
 from maml.tasks import omniglot
 
 import _common
+
+CHECKPOINT = _common.define_checkpoint_flag()
 
 DEFAULT_RUNS = (
     Path(__file__).resolve().parents[1].parent
@@ -56,7 +59,7 @@ def main(argv):
         )
     workdir = Path(flags.FLAGS.workdir)
     with _common.user_errors():
-        exp, params, step = train.restore_params(config, workdir)
+        exp, params, step = train.restore_params(config, workdir, CHECKPOINT.value)
         try:
             runs = omniglot.load_one_shot_runs(runs_path)
         except (zipfile.BadZipFile, KeyError) as e:
@@ -69,13 +72,15 @@ def main(argv):
             num_inner_steps=config.eval_inner_steps,
         )
     result = {
+        "checkpoint": CHECKPOINT.value,
         "checkpoint_step": step,
         "split_protocol": config.get("split_protocol"),
         "inner_lr": config.eval_inner_lr,
         "report_step": config.eval_report_step,
         **result,
     }
-    (workdir / "one_shot_runs.json").write_text(json.dumps(result, indent=2) + "\n")
+    name = "one_shot_runs" if CHECKPOINT.value == "latest" else f"one_shot_runs_{CHECKPOINT.value}"
+    (workdir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(one_shot_runs.format_table(result, report_step=config.eval_report_step))
 
 

@@ -7,7 +7,7 @@
 # back (8, two folders down at most): session.log, bench.jsonl (one JSON line
 # per benchmark, A's with a profile summary), logs.tar.gz (every step's log and
 # A's Perfetto trace, re-packed after each step) and run_VARIANT.tar.gz per
-# training run (metrics, eval.json, checkpoints).
+# training run (metrics, eval.json, checkpoints, best_checkpoint).
 #
 # Needs the Omniglot cache (MAML_CACHE_DIR, default ./.cache/maml) rather than
 # tensorflow-datasets; wheels in ./.whl are installed first when present. The

@@ -103,20 +103,30 @@ def test_unknown_variant_and_missing_config_file(tmp_path):
         assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_evaluate_script_without_checkpoint(tmp_path):
+@pytest.mark.parametrize(
+    "which, expected",
+    [
+        ("latest", "no checkpoint"),
+        ("best", "train with config.eval_every > 0"),
+        ("last", "--checkpoint"),
+    ],
+)
+def test_evaluate_script_without_checkpoint(tmp_path, which, expected):
     result = subprocess.run(
         [
             sys.executable,
             str(ROOT / "scripts" / "evaluate.py"),
             f"--config={CONFIG}:tiny",
             f"--workdir={tmp_path}",
+            f"--checkpoint={which}",
         ],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode == 2
-    assert "no checkpoint" in result.stderr and "Traceback" not in result.stderr
+    assert expected in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_sigterm_saves_a_checkpoint(tmp_path):

@@ -1,6 +1,7 @@
 """Meta-training end to end on tiny configs: learning, resuming, evaluating."""
 
 import json
+import shutil
 import signal
 
 import jax
@@ -205,3 +206,58 @@ def test_training_chunk_compiles_once(tmp_path):
         state, _ = chunk(state, config.log_every)
     assert int(state.step) == 150
     assert chunk._cache_size() == 1
+
+
+def _records(workdir):
+    return [json.loads(s) for s in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_best_checkpoint_is_the_best_validation_and_survives_resume(tmp_path, capsys):
+    def config(**overrides):
+        return tiny(eval_every=50, num_val_tasks=8, checkpoint_every=50, **overrides)
+
+    train.train_and_evaluate(config(), tmp_path / "full")
+    val = {r["step"]: r["val_mse"] for r in _records(tmp_path / "full")}
+    assert list(val) == [50, 100, 150, 200] and len(set(val.values())) == 4
+    best_step = min(val, key=val.get)  # mse: lower is better
+    assert f"best val_mse {val[best_step]:.4g} at step {best_step}" in capsys.readouterr().err
+    best = train.checkpoint_manager(tmp_path / "full", "best", "mse")
+    assert best.all_steps() == [best_step]
+
+    _, params, step = train.restore_params(config(), tmp_path / "full", "best")
+    _, latest, _ = train.restore_params(config(), tmp_path / "full")
+    assert step == best_step
+    if best_step != 200:
+        pairs = zip(jax.tree.leaves(params), jax.tree.leaves(latest), strict=True)
+        assert not all(np.array_equal(a, b) for a, b in pairs)
+    result = evaluate.evaluate(config(), tmp_path / "full", "best")
+    assert result["checkpoint"] == "best" and result["checkpoint_step"] == best_step
+    assert json.loads((tmp_path / "full" / "eval_best.json").read_text()) == result
+    assert (tmp_path / "full" / "plots" / "eval_best.png").stat().st_size > 0
+
+    # A run killed after the validation that was its best but before that
+    # step's checkpoint: the resumed run replays the step and keeps the same best.
+    train.train_and_evaluate(config(), tmp_path / "killed")
+    latest_manager = train.checkpoint_manager(tmp_path / "killed")
+    for s in latest_manager.all_steps():
+        if s >= best_step:
+            latest_manager.delete(s)
+    train.train_and_evaluate(config(), tmp_path / "killed")
+    assert train.checkpoint_manager(tmp_path / "killed", "best", "mse").all_steps() == [best_step]
+    _, resumed, _ = train.restore_params(config(), tmp_path / "killed", "best")
+    jax.tree.map(np.testing.assert_array_equal, resumed, params)
+
+    # Started again from scratch (checkpoints deleted, another seed): the old
+    # run's best must not outlive it.
+    shutil.rmtree(tmp_path / "killed" / "checkpoints")
+    train.train_and_evaluate(config(seed=1), tmp_path / "killed")
+    new_best = min(_records(tmp_path / "killed"), key=lambda r: r["val_mse"])
+    best = train.checkpoint_manager(tmp_path / "killed", "best", "mse")
+    assert best.all_steps() == [new_best["step"]]
+    assert best.metrics(new_best["step"])["val_mse"] == new_best["val_mse"]
+
+
+def test_best_checkpoint_without_validation_fails_clearly(tmp_path):
+    train.train_and_evaluate(tiny(num_steps=50, checkpoint_every=50), tmp_path)
+    with pytest.raises(train.CheckpointError, match="eval_every"):
+        evaluate.evaluate(tiny(), tmp_path, "best")
