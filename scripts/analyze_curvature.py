@@ -4,7 +4,8 @@
     python scripts/analyze_curvature.py --config=maml/configs/omniglot.py:5way1shot \\
         --config.data_dir=../shared/data/tfds --workdir=runs/o5w1s
 
-For the latest checkpoint in ``--workdir`` and ``--num_tasks`` tasks from the
+For the latest checkpoint in ``--workdir`` (``--checkpoint=best``: the one
+with the best validation metric) and ``--num_tasks`` tasks from the
 test split, it estimates, with Hessian-vector products only (never a dense
 Hessian), the top ``--top_k`` eigenvalues (Lanczos) and the eigenvalue
 density (stochastic Lanczos quadrature, ``--num_probes`` probes) of
@@ -34,6 +35,7 @@ from maml import analysis, core, train
 
 import _common
 
+CHECKPOINT = _common.define_checkpoint_flag()
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where to write (default: --workdir).")
 _NUM_TASKS = flags.DEFINE_integer("num_tasks", 4, "Tasks in the sampled batch.")
 _TOP_K = flags.DEFINE_integer("top_k", 5, "Number of top eigenvalues.")
@@ -207,7 +209,7 @@ def main(argv):
         _common.fail(f"--top_k={_TOP_K.value} must not exceed --lanczos_iters")
     workdir = flags.FLAGS.workdir
     with _common.user_errors():
-        exp, params, step = train.restore_params(config, workdir)
+        exp, params, step = train.restore_params(config, workdir, CHECKPOINT.value)
         report = analyze(
             exp,
             params,
@@ -219,6 +221,7 @@ def main(argv):
         )
     report = {
         "config_name": config_flags.get_config_filename(flags.FLAGS["config"]),
+        "checkpoint": CHECKPOINT.value,
         "step": step,
         "backend": jax.default_backend(),
         **report,

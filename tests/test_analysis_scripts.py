@@ -103,6 +103,7 @@ def test_analyze_curvature_json(outputs):
     report = json.loads((out / "curvature.json").read_text())
     assert (out / "curvature.png").stat().st_size > 0
     assert "2/lambda_max" in stdout["curvature"]
+    assert report["checkpoint"] == "latest" and report["step"] == 50
     for name in ("support_loss", "meta_loss"):
         r = report[name]
         assert len(r["eigenvalues"]) == 3
@@ -117,11 +118,14 @@ def test_analyze_curvature_json(outputs):
     assert s["lambda_max"] <= max(t["lambda_max"] for t in report["per_task"]) * (1 + 1e-3)
 
 
-def test_analyze_curvature_without_checkpoint_exits_2(tmp_path):
-    code, stdout, stderr = finish(start("analyze_curvature.py", f"--workdir={tmp_path}"))
+@pytest.mark.parametrize("which, expected", [("latest", "checkpoints:"), ("best", "eval_every")])
+def test_analyze_curvature_without_checkpoint_exits_2(tmp_path, which, expected):
+    code, stdout, stderr = finish(
+        start("analyze_curvature.py", f"--workdir={tmp_path}", f"--checkpoint={which}")
+    )
     assert code == 2
     lines = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "no checkpoint" in lines[0]
+    assert len(lines) == 1 and "no checkpoint" in lines[0] and expected in lines[0]
     assert "Traceback" not in stderr
     assert not (tmp_path / "curvature.json").exists()
 
