@@ -27,6 +27,11 @@ def training_curves(records: list[dict], path: Path) -> None:
             [r[key] for r in logged],
             marker="." if len(logged) < 30 else None,
         )
+        if key.startswith("val_"):  # the state kept in best_checkpoint/
+            pick = max if key == "val_accuracy" else min
+            best = pick(logged, key=lambda r: r[key])
+            ax.plot(best["step"], best[key], "*", color="tab:red", ms=10, label="best")
+            ax.legend(loc="best", fontsize="small")
         ax.set_xlabel("meta-step")
         ax.set_title(key)
         if key in ("loss", "mse", "grad_norm"):

@@ -223,6 +223,7 @@ def test_best_checkpoint_is_the_best_validation_and_survives_resume(tmp_path, ca
     assert f"best val_mse {val[best_step]:.4g} at step {best_step}" in capsys.readouterr().err
     best = train.checkpoint_manager(tmp_path / "full", "best", "mse")
     assert best.all_steps() == [best_step]
+    assert (tmp_path / "full" / "plots" / "training.png").stat().st_size > 0  # best marked
 
     _, params, step = train.restore_params(config(), tmp_path / "full", "best")
     _, latest, _ = train.restore_params(config(), tmp_path / "full")
