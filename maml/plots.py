@@ -27,9 +27,9 @@ def training_curves(records: list[dict], path: Path) -> None:
             [r[key] for r in logged],
             marker="." if len(logged) < 30 else None,
         )
-        if key.startswith("val_"):  # the state kept in best_checkpoint/
-            pick = max if key == "val_accuracy" else min
-            best = pick(logged, key=lambda r: r[key])
+        if key.startswith("val_"):  # the state kept in best_checkpoint/ (ties: the later)
+            sign = 1 if key == "val_accuracy" else -1
+            best = max(logged, key=lambda r: (sign * r[key], r["step"]))
             ax.plot(best["step"], best[key], "*", color="tab:red", ms=10, label="best")
             ax.legend(loc="best", fontsize="small")
         ax.set_xlabel("meta-step")

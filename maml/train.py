@@ -323,7 +323,8 @@ def checkpoint_manager(
     workdir: Path, which: str = "latest", metric: str = "accuracy"
 ) -> ocp.CheckpointManager:
     """``latest``: the last 3 saves, for resuming; ``best``: the state with the best
-    validation ``metric`` so far (highest accuracy, lowest error), one save."""
+    validation ``metric`` so far (highest accuracy, lowest error; of equal ones, the
+    later), one save."""
     if which == "latest":
         options = ocp.CheckpointManagerOptions(max_to_keep=3, create=True)
     else:

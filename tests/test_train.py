@@ -219,7 +219,7 @@ def test_best_checkpoint_is_the_best_validation_and_survives_resume(tmp_path, ca
     train.train_and_evaluate(config(), tmp_path / "full")
     val = {r["step"]: r["val_mse"] for r in _records(tmp_path / "full")}
     assert list(val) == [50, 100, 150, 200] and len(set(val.values())) == 4
-    best_step = min(val, key=val.get)  # mse: lower is better
+    best_step = min(val, key=lambda s: (val[s], -s))  # mse: lower is better; ties: the later
     assert f"best val_mse {val[best_step]:.4g} at step {best_step}" in capsys.readouterr().err
     best = train.checkpoint_manager(tmp_path / "full", "best", "mse")
     assert best.all_steps() == [best_step]
@@ -252,7 +252,7 @@ def test_best_checkpoint_is_the_best_validation_and_survives_resume(tmp_path, ca
     # run's best must not outlive it.
     shutil.rmtree(tmp_path / "killed" / "checkpoints")
     train.train_and_evaluate(config(seed=1), tmp_path / "killed")
-    new_best = min(_records(tmp_path / "killed"), key=lambda r: r["val_mse"])
+    new_best = min(_records(tmp_path / "killed"), key=lambda r: (r["val_mse"], -r["step"]))
     best = train.checkpoint_manager(tmp_path / "killed", "best", "mse")
     assert best.all_steps() == [new_best["step"]]
     assert best.metrics(new_best["step"])["val_mse"] == new_best["val_mse"]
@@ -262,3 +262,19 @@ def test_best_checkpoint_without_validation_fails_clearly(tmp_path):
     train.train_and_evaluate(tiny(num_steps=50, checkpoint_every=50), tmp_path)
     with pytest.raises(train.CheckpointError, match="eval_every"):
         evaluate.evaluate(tiny(), tmp_path, "best")
+
+
+@pytest.mark.parametrize(
+    "metric, values", [("accuracy", [0.5, 0.9, 0.8, 0.9, 0.7]), ("mse", [5, 3, 4, 3, 6])]
+)
+def test_best_checkpoint_keeps_the_later_of_equal_validations(tmp_path, metric, values):
+    # The training plot marks the same step (maml.plots.training_curves).
+    best = train.checkpoint_manager(tmp_path, "best", metric)
+    for step, value in enumerate(values, 1):
+        best.save(
+            step,
+            args=train.ocp.args.StandardSave({"x": np.ones(2)}),
+            metrics={f"val_{metric}": value},
+        )
+    best.wait_until_finished()
+    assert best.all_steps() == [4]
