@@ -8,8 +8,8 @@ per-step metrics, which the host averages, logs and writes to
 ``workdir/metrics.jsonl``. Checkpoints (orbax) land in
 ``workdir/checkpoints``; running the same command again resumes from the
 latest one and ends bit for bit where an uninterrupted run ends. With
-validation on (``config.eval_every``), ``workdir/best_checkpoint`` holds the
-state with the best validation metric so far.
+validation on (``config.eval_every``) and one process, ``workdir/best_checkpoint``
+holds the state with the best validation metric so far.
 """
 
 import contextlib
@@ -417,7 +417,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     start = int(state.step)
 
     val_task = build_task(config, "validation") if config.get("eval_every", 0) else None
-    if val_task is not None:
+    # One process only: with several, orbax's barriers for two managers saving
+    # the same step time out (seen on the CPU multi-process test).
+    keep_best = val_task is not None and jax.process_count() == 1
+    if keep_best:
         best = checkpoint_manager(workdir, "best", val_task.metric)
         for later in [s for s in best.all_steps() if s > start]:
             best.delete(later)  # from steps this run replays: it saves them again
@@ -475,6 +478,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                     batch_size=min(config.num_val_tasks, config.get("eval_batch_size", 100)),
                 )
                 record[f"val_{val_task.metric}"] = float(curve[-1].mean())
+            if keep_best and f"val_{val_task.metric}" in record:
                 # Kept only while it is the best validation so far.
                 best.save(
                     step,
@@ -501,7 +505,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             log(chunk_record(step, metrics))  # without the validation, if one was due
         manager.save(step, args=ocp.args.StandardSave(state), force=True)
         manager.wait_until_finished()
-        if val_task is not None:
+        if keep_best:
             best.wait_until_finished()
         bar.close()
         if is_main:
@@ -513,11 +517,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         raise
     manager.wait_until_finished()
     bar.close()
-    if val_task is not None:
+    if keep_best:
         best.wait_until_finished()
     if not is_main:
         return state
-    if val_task is not None and best.latest_step() is not None:
+    if keep_best and best.latest_step() is not None:
         name = f"val_{val_task.metric}"
         print(
             f"best {name} {best.metrics(best.latest_step())[name]:.4g} at step "
