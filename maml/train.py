@@ -521,12 +521,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         best.wait_until_finished()
     if not is_main:
         return state
-    if keep_best and best.latest_step() is not None:
+    best_step = best.latest_step() if keep_best else None
+    if best_step is not None:
         name = f"val_{val_task.metric}"
         print(
-            f"best {name} {best.metrics(best.latest_step())[name]:.4g} at step "
-            f"{best.latest_step()}: {workdir / CHECKPOINTS['best']} (evaluate it with "
-            "--checkpoint=best)",
+            f"best {name} {best.metrics(best_step)[name]:.4g} at step {best_step}: "
+            f"{workdir / CHECKPOINTS['best']} (evaluate it with --checkpoint=best)",
             file=sys.stderr,
         )
 
