@@ -8,7 +8,7 @@ per-step metrics, which the host averages, logs and writes to
 ``workdir/metrics.jsonl``. Checkpoints (orbax) land in
 ``workdir/checkpoints``; running the same command again resumes from the
 latest one and ends bit for bit where an uninterrupted run ends. With
-validation on (``config.eval_every``) and one process, ``workdir/best_checkpoint``
+validation on (``config.eval_every``), ``workdir/best_checkpoint``
 holds the state with the best validation metric so far.
 """
 
@@ -333,6 +333,11 @@ def checkpoint_manager(
             create=True,
             best_fn=lambda m: m[f"val_{metric}"],
             best_mode="max" if metric == "accuracy" else "min",
+            # With several processes, both managers save the same steps: without
+            # a prefix their barrier keys collide and the saves time out.
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix="best"
+            ),
         )
     return ocp.CheckpointManager((workdir / CHECKPOINTS[which]).absolute(), options=options)
 
@@ -417,9 +422,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     start = int(state.step)
 
     val_task = build_task(config, "validation") if config.get("eval_every", 0) else None
-    # One process only: with several, orbax's barriers for two managers saving
-    # the same step time out (seen on the CPU multi-process test).
-    keep_best = val_task is not None and jax.process_count() == 1
+    keep_best = val_task is not None
     if keep_best:
         best = checkpoint_manager(workdir, "best", val_task.metric)
         for later in [s for s in best.all_steps() if s > start]:

@@ -31,7 +31,7 @@ def define_checkpoint_flag():
         "latest",
         ["latest", "best"],
         "Which checkpoint of --workdir: the latest, or the one with the best validation "
-        "metric during training (written by single-process runs with config.eval_every > 0).",
+        "metric during training (written when config.eval_every > 0).",
     )
 
 

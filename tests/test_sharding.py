@@ -125,12 +125,17 @@ def test_two_processes_match_one_process_on_two_devices(tmp_path):
 
     config = sinusoid.get_config("tiny")
     config.update(meta_batch_size=8)
-    params = {}
-    for name in ("multihost", "single"):
-        _, restored, step = train.restore_params(config, tmp_path / name)
-        assert step == 20
-        params[name] = np.asarray(ravel_pytree(restored)[0])
-    np.testing.assert_allclose(params["multihost"], params["single"], rtol=1e-5, atol=1e-6)
+    # Both checkpoints: the latest, and the best validation's (its manager saves
+    # the same steps as the latest's, which with two processes needs its own
+    # barrier keys).
+    for which in ("latest", "best"):
+        params, steps = {}, {}
+        for name in ("multihost", "single"):
+            _, restored, steps[name] = train.restore_params(config, tmp_path / name, which)
+            params[name] = np.asarray(ravel_pytree(restored)[0])
+        assert steps["multihost"] == steps["single"]
+        assert which == "best" or steps["single"] == 20
+        np.testing.assert_allclose(params["multihost"], params["single"], rtol=1e-5, atol=1e-6)
     # Only process 0 logs: one line per chunk, not two. The validation tasks,
     # split over the two processes' devices, score as on one process.
     records = {
