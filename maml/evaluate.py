@@ -24,7 +24,9 @@ def evaluate(
     returns what ``eval.json`` (``eval_best.json``) holds."""
     workdir = Path(workdir)
     exp, params, step = restore_params(config, workdir, checkpoint)
-    _, eval_key = root_keys(config.seed)
+    seed = config.get("eval_seed")
+    seed = config.seed if seed is None else seed
+    _, eval_key = root_keys(seed)
     # Steps of the eval stream are negative-free: fold in a tag far from any
     # validation step used during training.
     eval_key = jax.random.fold_in(eval_key, 2**31 - 2)
@@ -47,6 +49,7 @@ def evaluate(
     evaluation = {
         "metric": exp.task.metric,
         "num_tasks": config.num_eval_tasks,
+        "test_seed": seed,
         "checkpoint": checkpoint,
         "checkpoint_step": step,
         "results": results,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from maml import evaluate, train
-from maml.configs import sinusoid
+from maml.configs import ConfigError, sinusoid, validate
 
 
 def tiny(**overrides):
@@ -181,6 +181,25 @@ def test_evaluate_writes_eval_json(tmp_path, capsys):
         assert len(r["mean"]) == len(r["ci95"]) == 3
         assert all(c > 0 for c in r["ci95"])
     assert "K=5" in evaluate.format_table(result)
+
+
+def test_eval_seed_draws_the_same_test_tasks_for_runs_of_any_seed(tmp_path):
+    config = tiny(num_steps=50, checkpoint_every=50)
+    train.train_and_evaluate(config, tmp_path)
+
+    def means(**overrides):
+        result = evaluate.evaluate(tiny(**overrides), tmp_path)
+        return result["test_seed"], result["results"]["5"]["mean"]
+
+    seed, own = means()
+    assert seed == 0
+    # The parameters come from the checkpoint, the test tasks from eval_seed alone.
+    assert means(seed=3, eval_seed=0) == (0, own)
+    assert means(eval_seed=0) == (0, own)
+    other_seed, other = means(eval_seed=3)
+    assert other_seed == 3 and other != own
+    with pytest.raises(ConfigError, match="config.eval_seed=-1"):
+        validate(tiny(eval_seed=-1))
 
 
 def test_evaluate_without_checkpoint_fails_clearly(tmp_path):

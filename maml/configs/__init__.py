@@ -44,6 +44,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _check(config, name, lambda v: _is_int(v) and v > 0, "a positive integer")
     for name in ("num_inner_steps", "eval_inner_steps", "eval_every", "seed", "eval_report_step"):
         _check(config, name, lambda v: _is_int(v) and v >= 0, "a non-negative integer")
+    _check(
+        config,
+        "eval_seed",
+        lambda v: v is None or (_is_int(v) and v >= 0),
+        "a non-negative integer (unset: config.seed)",
+    )
     for name in ("inner_lr", "outer_lr", "eval_inner_lr", "imaml_lambda"):
         _check(config, name, lambda v: _is_number(v) and v > 0, "a positive number")
     _check(config, "algorithm", lambda v: v in ALGORITHMS, f"one of {', '.join(ALGORITHMS)}")

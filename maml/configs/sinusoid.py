@@ -28,6 +28,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.imaml_lambda = 1.0
     c.imaml_cg_steps = 5
     c.seed = 0
+    # Seed of the test tasks scripts/evaluate.py draws; unset: config.seed. Set it
+    # to compare runs of different seeds on the same tasks.
+    c.eval_seed = ml_collections.config_dict.placeholder(int)
     # Meta-steps per device call; metrics are averaged over each call.
     c.log_every = 1_000
     c.checkpoint_every = 10_000
