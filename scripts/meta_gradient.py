@@ -17,9 +17,9 @@ The sinusoid MLP runs in float64 (relative finite-difference error below
 1e-6 expected); the conv net in float32 by default, where rounding limits the
 check to a few percent (``--x64`` forces either). Params come from the
 latest checkpoint in ``--workdir`` if there is one, else from the config's
-initialisation. Writes ``meta_gradient.json`` and ``meta_gradient.png`` to
-``--output_dir`` (default ``--workdir``, else ``runs/meta_gradient``) and
-prints a table.
+initialisation; ``--checkpoint=best`` takes the best-validation checkpoint.
+Writes ``meta_gradient.json`` and ``meta_gradient.png`` to ``--output_dir``
+(default ``--workdir``, else ``runs/meta_gradient``) and prints a table.
 """
 
 import dataclasses
@@ -47,6 +47,7 @@ _NUM_TASKS = flags.DEFINE_integer("num_tasks", None, "Meta-batch size (default: 
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per measurement (median reported).")
 _X64 = flags.DEFINE_bool("x64", None, "Float64 (default: for the MLP only).")
 _FD_EPS = flags.DEFINE_float("fd_eps", None, "Finite-difference step (default 1e-6; 1e-2 in f32).")
+_CHECKPOINT = _common.define_checkpoint_flag()
 
 # A float32 central difference of a loss near 1 at eps = 1e-2 carries rounding
 # errors of order 1e-7 / 1e-2 in a directional derivative that is itself small
@@ -71,13 +72,18 @@ def build_model(config, dtype):
     return functional(model)
 
 
-def load_params(exp, workdir):
-    """``(params, source)``: the latest checkpoint's in ``workdir`` if any, else the initial."""
-    checkpoints = Path(workdir) / "checkpoints" if workdir else None
-    if checkpoints is not None and checkpoints.is_dir() and any(checkpoints.iterdir()):
-        _, params, step = train.restore_params(exp.config, workdir)
-        return params, f"checkpoint step {step}"
-    return exp.init_params, "initial"
+def load_params(exp, workdir, which="latest"):
+    """``(params, source)``: the ``which`` checkpoint's in ``workdir``; without a latest
+    checkpoint, the initial params (a missing best one is an error)."""
+    if not workdir:
+        if which == "best":
+            _common.fail("--checkpoint=best needs the --workdir of a training run")
+        return exp.init_params, "initial"
+    latest = Path(workdir) / train.CHECKPOINTS["latest"]
+    if which == "latest" and not (latest.is_dir() and any(latest.iterdir())):
+        return exp.init_params, "initial"
+    _, params, step = train.restore_params(exp.config, workdir, which)
+    return params, f"{which} checkpoint step {step}"
 
 
 def to_dtype(tree, dtype):
@@ -239,7 +245,7 @@ def main(argv):
     precision = "float64" if x64 else "float32"
     with _common.user_errors():
         exp = train.build_experiment(config, "train")
-        params, source = load_params(exp, workdir)
+        params, source = load_params(exp, workdir, _CHECKPOINT.value)
         train_key, _ = train.root_keys(config.seed)
         episode = exp.task.sample(jax.random.fold_in(train_key, 0), num_tasks)
         episode = {"support": episode["support"], "query": episode["query"]}

@@ -77,7 +77,7 @@ def test_meta_gradient_json_and_checks(outputs):
     assert "finite differences" in stdout["meta_gradient"]
     for key in ("params_source", "dtype", "num_params", "num_tasks", "inner_steps", "results"):
         assert key in report
-    assert report["params_source"] == "checkpoint step 50"
+    assert report["params_source"] == "latest checkpoint step 50"
     assert report["dtype"] == "float64"
     assert [r["num_inner_steps"] for r in report["results"]] == [2]
     for r in report["results"]:
@@ -118,16 +118,24 @@ def test_analyze_curvature_json(outputs):
     assert s["lambda_max"] <= max(t["lambda_max"] for t in report["per_task"]) * (1 + 1e-3)
 
 
-@pytest.mark.parametrize("which, expected", [("latest", "checkpoints:"), ("best", "eval_every")])
-def test_analyze_curvature_without_checkpoint_exits_2(tmp_path, which, expected):
+@pytest.mark.parametrize(
+    "script, which, expected",
+    [
+        ("analyze_curvature.py", "latest", "checkpoints:"),
+        ("analyze_curvature.py", "best", "eval_every"),
+        # Without a latest checkpoint meta_gradient.py uses the initial params.
+        ("meta_gradient.py", "best", "eval_every"),
+    ],
+)
+def test_analysis_without_checkpoint_exits_2(tmp_path, script, which, expected):
     code, stdout, stderr = finish(
-        start("analyze_curvature.py", f"--workdir={tmp_path}", f"--checkpoint={which}")
+        start(script, f"--workdir={tmp_path}", f"--checkpoint={which}", "--num_tasks=2")
     )
     assert code == 2
     lines = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "no checkpoint" in lines[0] and expected in lines[0]
     assert "Traceback" not in stderr
-    assert not (tmp_path / "curvature.json").exists()
+    assert not list(tmp_path.glob("*.json"))
 
 
 # --- maml.analysis -----------------------------------------------------------------
