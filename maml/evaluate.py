@@ -78,4 +78,14 @@ def format_table(evaluation: dict) -> str:
     for i, n in enumerate(next(iter(results.values()))["inner_steps"]):
         cells = [f"{results[k]['mean'][i]:.4f} +- {results[k]['ci95'][i]:.4f}" for k in shots]
         lines.append(f"{n:5d} | " + " | ".join(f"{c:>24}" for c in cells))
+    for k in shots:
+        r = results[k]
+        bad = [i for i, count in enumerate(r.get("nonfinite", [])) if count]
+        if bad:
+            last = len(r["nonfinite"]) - 1
+            lines.append(
+                f"K={k}: {r['nonfinite'][last]} of {evaluation['num_tasks']} tasks not finite "
+                f"(diverged) after {r['inner_steps'][last]} steps, first after "
+                f"{r['inner_steps'][bad[0]]}; median then {r['median'][last]:.4g}"
+            )
     return "\n".join(lines)

@@ -298,13 +298,16 @@ def adaptation_curve(
 
 
 def summarize(values: np.ndarray) -> dict:
-    """Mean and 95% confidence half-width (1.96 std / sqrt(n)) over tasks (last axis)."""
+    """Mean and 95% confidence half-width (1.96 std / sqrt(n)) over tasks (last axis),
+    the median, and how many tasks are not finite (diverged inner SGD)."""
     n = values.shape[-1]
     return {
         "mean": values.mean(-1).tolist(),
         "ci95": (1.96 * values.std(-1) / np.sqrt(n)).tolist(),
-        # A few diverging tasks can swamp the mean; the median shows the typical task.
-        "median": np.median(values, -1).tolist(),
+        # A few diverging tasks can swamp the mean; the median shows the typical
+        # task. A task whose loss overflowed to NaN counts as infinitely bad.
+        "median": np.median(np.where(np.isnan(values), np.inf, values), -1).tolist(),
+        "nonfinite": (~np.isfinite(values)).sum(-1).tolist(),
     }
 
 

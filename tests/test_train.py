@@ -202,6 +202,19 @@ def test_eval_seed_draws_the_same_test_tasks_for_runs_of_any_seed(tmp_path):
         validate(tiny(eval_seed=-1))
 
 
+def test_summary_counts_diverged_tasks_and_keeps_the_median_finite():
+    values = np.array([[1.0, 2.0, 3.0, 4.0, 5.0], [1.0, 2.0, 3.0, np.inf, np.nan]])
+    s = train.summarize(values)
+    assert s["mean"][0] == 3.0 and s["ci95"][0] == pytest.approx(1.96 * np.sqrt(2 / 5))
+    assert s["nonfinite"] == [0, 2]
+    assert s["median"] == [3.0, 3.0]  # NaN counts as infinitely bad, not as "unknown"
+    assert np.isnan(s["mean"][1])
+    table = evaluate.format_table(
+        {"metric": "mse", "num_tasks": 5, "results": {"5": {"inner_steps": [0, 1], **s}}}
+    )
+    assert "K=5: 2 of 5 tasks not finite (diverged) after 1 steps, first after 1" in table
+
+
 def test_evaluate_without_checkpoint_fails_clearly(tmp_path):
     with pytest.raises(train.CheckpointError, match="no checkpoint"):
         evaluate.evaluate(tiny(), tmp_path)
