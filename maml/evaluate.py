@@ -20,8 +20,9 @@ from maml.train import adaptation_curve, restore_params, root_keys, summarize
 def evaluate(
     config: ml_collections.ConfigDict, workdir: str | Path, checkpoint: str = "latest"
 ) -> dict:
-    """Evaluates the ``latest`` or ``best`` (validation) checkpoint in ``workdir``;
-    returns what ``eval.json`` (``eval_best.json``) holds."""
+    """Evaluates the ``latest`` or ``best`` (validation) checkpoint in ``workdir`` on
+    test tasks drawn with ``config.eval_seed`` (unset: ``config.seed``); returns what
+    ``eval.json`` (``eval_best.json``) holds."""
     workdir = Path(workdir)
     exp, params, step = restore_params(config, workdir, checkpoint)
     seed = config.get("eval_seed")
