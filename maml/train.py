@@ -318,6 +318,19 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be restored; the message is one line for the user."""
 
 
+class DivergedError(RuntimeError):
+    """Meta-training produced a loss or gradient that is not finite; one line for the user."""
+
+
+def first_nonfinite(metrics: dict) -> int | None:
+    """Index of the first step of a chunk whose ``metrics`` (host arrays with a leading
+    step axis) hold a value that is not finite, or ``None``."""
+    finite = np.ones(len(next(iter(metrics.values()))), bool)
+    for v in metrics.values():
+        finite &= np.isfinite(np.asarray(v)).reshape(len(finite), -1).all(-1)
+    return None if finite.all() else int(np.argmin(finite))
+
+
 CHECKPOINTS = {"latest": "checkpoints", "best": "best_checkpoint"}
 """Which checkpoint to restore, and the ``workdir`` folder it lives in."""
 
@@ -470,8 +483,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             num = min(config.log_every - step % config.log_every, config.num_steps - step)
             with _signals_deferred():
                 state, metrics = train_chunk(state, num)
+            metrics = jax.device_get(metrics)
             step += num
             record = chunk_record(step, metrics)
+            bad = first_nonfinite(metrics)
+            if bad is not None:
+                # The state is lost to NaN; keep every checkpoint from before it.
+                log(record)
+                manager.wait_until_finished()
+                if keep_best:
+                    best.wait_until_finished()
+                bar.close()
+                saved = manager.latest_step()
+                raise DivergedError(
+                    f"meta-training diverged: loss or gradient not finite at step "
+                    f"{step - num + bad + 1}; nothing after it was saved, "
+                    + (
+                        f"the latest checkpoint is step {saved}"
+                        if saved is not None
+                        else "and no checkpoint was saved before it"
+                    )
+                    + ". Lower config.outer_lr or config.inner_lr and run again"
+                    + (" to resume from it." if saved is not None else ".")
+                )
             if val_task is not None and step % config.eval_every == 0:
                 curve = adaptation_curve(
                     exp,

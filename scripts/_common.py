@@ -105,9 +105,9 @@ def checked_config():
 @contextlib.contextmanager
 def user_errors():
     """Errors a user can cause (missing data, bad checkpoint) end in one line and exit 2."""
-    from maml.train import CheckpointError
+    from maml.train import CheckpointError, DivergedError
 
-    errors = (CheckpointError, ConfigError, FileNotFoundError)
+    errors = (CheckpointError, ConfigError, DivergedError, FileNotFoundError)
     try:
         from maml.tasks.omniglot import DatasetNotFoundError
 

@@ -89,6 +89,20 @@ def test_train_script_rejects_bad_values_before_compute(tmp_path, override, expe
     assert not (tmp_path / "w").exists()  # stopped before doing anything
 
 
+def test_train_script_stops_a_diverged_run_with_one_line(tmp_path):
+    result = run(
+        f"--config={CONFIG}:tiny",
+        "--config.outer_lr=10",
+        "--config.log_every=1",
+        "--config.checkpoint_every=1",
+        f"--workdir={tmp_path}",
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: meta-training diverged: loss or gradient not finite at step")
+
+
 def test_train_script_keeps_xla_flags_device_count_without_cpu_devices(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=3")
     result = run(f"--config={CONFIG}", f"--workdir={tmp_path / 'w'}", env=env)

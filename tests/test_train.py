@@ -1,6 +1,7 @@
 """Meta-training end to end on tiny configs: learning, resuming, evaluating."""
 
 import json
+import re
 import shutil
 import signal
 
@@ -200,6 +201,28 @@ def test_eval_seed_draws_the_same_test_tasks_for_runs_of_any_seed(tmp_path):
     assert other_seed == 3 and other != own
     with pytest.raises(ConfigError, match="config.eval_seed=-1"):
         validate(tiny(eval_seed=-1))
+
+
+def test_divergence_stops_the_run_and_keeps_the_checkpoints_before_it(tmp_path):
+    # An outer lr of 10 sends the sinusoid net's loss to inf within a few steps.
+    config = tiny(num_steps=20, log_every=1, checkpoint_every=1, outer_lr=10.0)
+    with pytest.raises(train.DivergedError) as e:
+        train.train_and_evaluate(config, tmp_path)
+    bad = int(re.search(r"not finite at step (\d+);", str(e.value)).group(1))
+    assert f"the latest checkpoint is step {bad - 1}. Lower config.outer_lr" in str(e.value)
+    records = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, bad + 1))
+    assert all(np.isfinite(list(r.values())).all() for r in records[:-1])
+    assert not np.isfinite(list(records[-1].values())).all()
+    _, params, step = train.restore_params(config, tmp_path)
+    assert step == bad - 1
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
+
+
+def test_first_nonfinite_finds_the_step_within_a_chunk():
+    metrics = {"loss": np.array([1.0, 2.0, np.nan]), "acc": np.array([[1, 1], [1, np.inf], [1, 1]])}
+    assert train.first_nonfinite(metrics) == 1
+    assert train.first_nonfinite({"loss": np.ones(4)}) is None
 
 
 def test_summary_counts_diverged_tasks_and_keeps_the_median_finite():
