@@ -301,9 +301,11 @@ def summarize(values: np.ndarray) -> dict:
     """Mean and 95% confidence half-width (1.96 std / sqrt(n)) over tasks (last axis),
     the median, and how many tasks are not finite (diverged inner SGD)."""
     n = values.shape[-1]
+    with np.errstate(invalid="ignore"):  # inf - inf in the std of diverged tasks: NaN
+        ci95 = 1.96 * values.std(-1) / np.sqrt(n)
     return {
         "mean": values.mean(-1).tolist(),
-        "ci95": (1.96 * values.std(-1) / np.sqrt(n)).tolist(),
+        "ci95": ci95.tolist(),
         # A few diverging tasks can swamp the mean; the median shows the typical
         # task. A task whose loss overflowed to NaN counts as infinitely bad.
         "median": np.median(np.where(np.isnan(values), np.inf, values), -1).tolist(),

@@ -184,6 +184,21 @@ def test_evaluate_writes_eval_json(tmp_path, capsys):
     assert "K=5" in evaluate.format_table(result)
 
 
+def test_eval_json_is_strict_json_when_tasks_diverge(tmp_path):
+    config = tiny(num_steps=50, checkpoint_every=50)
+    train.train_and_evaluate(config, tmp_path)
+    result = evaluate.evaluate(tiny(eval_inner_lr=1e6), tmp_path)  # inner SGD blows up
+
+    def reject(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    on_disk = json.loads((tmp_path / "eval.json").read_text(), parse_constant=reject)
+    kept, written = result["results"]["5"], on_disk["results"]["5"]
+    assert kept["nonfinite"][-1] > 0 and not np.isfinite(kept["mean"][-1])
+    assert written["mean"][-1] is None and written["nonfinite"] == kept["nonfinite"]
+    assert written["mean"][0] == kept["mean"][0]  # before adaptation: finite, kept
+
+
 def test_eval_seed_draws_the_same_test_tasks_for_runs_of_any_seed(tmp_path):
     config = tiny(num_steps=50, checkpoint_every=50)
     train.train_and_evaluate(config, tmp_path)
