@@ -15,6 +15,12 @@ At a stationary point the implicit function theorem gives
 found by conjugate gradients driven only by ``second_order.hvp``. Nothing
 differentiates through the inner loop, so memory does not grow with
 ``num_inner_steps``. All functions are pure and vmap over tasks.
+
+``inner_lr`` may be a pytree of per-leaf rates, as in ``core.adapt``: a leaf
+at rate 0 is not adapted (``phi`` keeps ``theta``'s value there). The system
+is then solved on the adapted block ``a`` only, and a frozen leaf ``f`` gets
+``grad_f - H_fa g_a / lam``: its direct query gradient and its pull on
+``phi*_a`` through the support loss.
 """
 
 from collections.abc import Callable
@@ -49,8 +55,9 @@ def adapt_proximal(
       loss_fn: ``loss_fn(params, batch) -> scalar``.
       params: the meta-parameters ``theta``, a pytree of float arrays.
       support: the task's support batch.
-      inner_lr: inner learning rate; the steps converge for a convex
-        support loss when ``inner_lr < 2 / (L + lam)``, ``L`` its curvature.
+      inner_lr: inner learning rate, or a pytree of per-leaf rates (0 keeps a
+        leaf at ``theta``); the steps converge for a convex support loss when
+        ``inner_lr < 2 / (L + lam)``, ``L`` its curvature.
       num_inner_steps: static number of steps; 0 returns ``params``.
       lam: strength of the proximal regularizer, ``> 0``.
 
@@ -60,9 +67,13 @@ def adapt_proximal(
     if num_inner_steps < 0:
         raise ValueError(f"num_inner_steps must be >= 0, got {num_inner_steps}")
 
+    rates = _per_leaf(inner_lr, params)
+
     def step(_, phi):
         grads = jax.grad(loss_fn)(phi, support)
-        return jax.tree.map(lambda p, g, t: p - inner_lr * (g + lam * (p - t)), phi, grads, params)
+        return jax.tree.map(
+            lambda p, g, t, r: p - r * (g + lam * (p - t)), phi, grads, params, rates
+        )
 
     return jax.lax.fori_loop(0, num_inner_steps, step, params)
 
@@ -111,12 +122,40 @@ def imaml_loss_and_grad(
     def support_loss(p):
         return loss_fn(p, support)
 
-    def matvec(v):
-        hv = second_order.hvp(support_loss, phi, v)
+    if jax.tree.structure(inner_lr) != jax.tree.structure(params):  # every leaf adapted
+
+        def matvec(v):
+            hv = second_order.hvp(support_loss, phi, v)
+            return jax.tree.map(lambda vi, hvi: vi + hvi / lam, v, hv)
+
+        return query_loss, second_order.conjugate_gradient(
+            matvec, query_grad, num_iters=num_cg_steps
+        )
+
+    rates = inner_lr
+
+    # (I + H_aa / lam) g_a = grad_a; the frozen block is the identity with zero
+    # right-hand side, so CG leaves it at zero.
+    def adapted(tree):
+        return jax.tree.map(lambda x, r: jnp.where(r != 0, x, 0), tree, rates)
+
+    def masked_matvec(v):
+        hv = adapted(second_order.hvp(support_loss, phi, adapted(v)))
         return jax.tree.map(lambda vi, hvi: vi + hvi / lam, v, hv)
 
-    meta_grad = second_order.conjugate_gradient(matvec, query_grad, num_iters=num_cg_steps)
+    g = second_order.conjugate_gradient(masked_matvec, adapted(query_grad), num_iters=num_cg_steps)
+    hg = second_order.hvp(support_loss, phi, g)
+    meta_grad = jax.tree.map(
+        lambda gi, qi, hgi, r: jnp.where(r != 0, gi, qi - hgi / lam), g, query_grad, hg, rates
+    )
     return query_loss, meta_grad
+
+
+def _per_leaf(inner_lr, params) -> PyTree:
+    """``inner_lr`` as a pytree shaped like ``params`` (a scalar: the same for every leaf)."""
+    if jax.tree.structure(inner_lr) == jax.tree.structure(params):
+        return inner_lr
+    return jax.tree.map(lambda _: inner_lr, params)
 
 
 def batched_imaml_loss_and_grad(

@@ -185,7 +185,7 @@ def meta_loss_and_grad(exp: Experiment, params: PyTree, episode: dict):
             params,
             episode["support"],
             episode["query"],
-            inner_lr=c.inner_lr,
+            inner_lr=exp.inner_lr,
             num_inner_steps=c.num_inner_steps,
             lam=c.imaml_lambda,
             num_cg_steps=c.imaml_cg_steps,

@@ -130,11 +130,18 @@ def mlp_task(seed):
     return loss_fn, params, (xs, jnp.sin(xs)), (xq, jnp.sin(xq))
 
 
-def test_matches_unrolled_gradient_on_mlp_when_converged():
+@pytest.mark.parametrize("frozen", [None, "bias"])
+def test_matches_unrolled_gradient_on_mlp_when_converged(frozen):
     # With the inner loop converged, differentiating through every inner step
-    # and the implicit function theorem give the same meta-gradient.
+    # and the implicit function theorem give the same meta-gradient; also with
+    # some leaves kept out of the inner loop (rate 0), as adapt_norm=False does.
     loss_fn, params, support, query = mlp_task(0)
-    kwargs = dict(inner_lr=0.05, num_inner_steps=600, lam=4.0)
+    inner_lr = 0.05
+    if frozen:
+        inner_lr = jax.tree_util.tree_map_with_path(
+            lambda path, _: 0.0 if frozen in jax.tree_util.keystr(path) else 0.05, params
+        )
+    kwargs = dict(inner_lr=inner_lr, num_inner_steps=600, lam=4.0)
     _, grad = jax.jit(
         lambda p: imaml.imaml_loss_and_grad(loss_fn, p, support, query, num_cg_steps=40, **kwargs)
     )(params)
@@ -146,6 +153,16 @@ def test_matches_unrolled_gradient_on_mlp_when_converged():
     flat, flat_expected = (ravel_pytree(t)[0] for t in (grad, expected))
     assert jnp.linalg.norm(flat_expected) > 1e-3
     np.testing.assert_allclose(flat, flat_expected, rtol=1e-6, atol=1e-9)
+    if frozen:
+        phi = imaml.adapt_proximal(loss_fn, params, support, **kwargs)
+        direct = jax.grad(loss_fn)(phi, query)
+        leaves = [jax.tree_util.tree_leaves_with_path(t) for t in (params, phi, expected, direct)]
+        for (path, theta), (_, phi_leaf), (_, meta), (_, plain) in zip(*leaves, strict=True):
+            if frozen in jax.tree_util.keystr(path):
+                # Frozen leaves stay at theta, and their meta-gradient is not just
+                # the direct query gradient: the test can fail.
+                np.testing.assert_array_equal(phi_leaf, theta)
+                assert np.linalg.norm(meta - plain) > 1e-3
 
 
 def test_batched_is_the_mean_over_tasks():

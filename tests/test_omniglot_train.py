@@ -95,9 +95,12 @@ def test_adapt_norm_controls_batchnorm_in_the_inner_loop(cache_dir, adapt_norm):
             assert changed, jax.tree_util.keystr(path)
 
 
-@pytest.mark.parametrize("algorithm", ["fomaml", "imaml"])
-def test_other_algorithms_train_without_nans(cache_dir, algorithm):
-    exp = train.build_experiment(_tiny(cache_dir, algorithm=algorithm), "train")
+@pytest.mark.parametrize(
+    "algorithm, adapt_norm", [("fomaml", True), ("imaml", True), ("imaml", False)]
+)
+def test_other_algorithms_train_without_nans(cache_dir, algorithm, adapt_norm):
+    config = _tiny(cache_dir, algorithm=algorithm, adapt_norm=adapt_norm)
+    exp = train.build_experiment(config, "train")
     train_key, _ = train.root_keys(exp.config.seed)
     init = train.init_state(exp)
     initial_params = jax.tree.map(np.asarray, init.params)  # init's buffers are donated
