@@ -3,6 +3,7 @@
 import contextlib
 import signal
 import sys
+from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -89,6 +90,8 @@ def checked_config():
         fail("--config is required, e.g. --config=maml/configs/sinusoid.py")
     if not flags.FLAGS.workdir:
         fail("--workdir is required")
+    if Path(flags.FLAGS.workdir).exists() and not Path(flags.FLAGS.workdir).is_dir():
+        fail(f"--workdir={flags.FLAGS.workdir} is a file, not a directory")
     try:
         validate(config)
     except ConfigError as e:

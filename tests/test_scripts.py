@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from maml.configs import ConfigError, sinusoid, validate
+from maml.configs import omniglot as omniglot_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "maml" / "configs" / "sinusoid.py")
@@ -33,6 +34,9 @@ CONFIG = str(ROOT / "maml" / "configs" / "sinusoid.py")
         ("algorithm", "reptile", "one of maml, fomaml, imaml, pretrain"),
         ("eval_shots", (), "non-empty tuple"),
         ("init", "zeros", "one of lecun, finn"),
+        ("num_val_tasks", 0, "positive integer"),
+        ("task", "mnist", "one of sinusoid, omniglot"),
+        ("model", "resnet", "one of mlp, convnet"),
     ],
 )
 def test_validate_names_field_value_and_what_is_allowed(field, value, allowed):
@@ -43,6 +47,30 @@ def test_validate_names_field_value_and_what_is_allowed(field, value, allowed):
     message = str(e.value)
     assert f"config.{field}={value!r}" in message and allowed in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "variant, overrides, expected",
+    [
+        ("5way1shot", {"num_ways": 101}, "at most 100, the classes of the validation split"),
+        ("5way1shot", {"num_ways": 101, "eval_every": 0}, None),  # no validation split
+        ("5way1shot", {"num_ways": 424, "eval_every": 0}, "at most 423, the classes of the test"),
+        ("5way1shot", {"num_ways": 101, "rotate": "new_classes"}, None),  # 400 classes
+        ("5way5shot", {"eval_shots": (16,)}, "max(config.eval_shots) + config.num_query = 21"),
+        ("5way1shot", {"num_shots": 20}, "config.num_shots + config.num_query = 21"),
+        ("5way1shot", {"split_seed": -1}, "config.split_seed=-1 is invalid"),
+        ("5way1shot", {"conv_impl": "fft"}, "one of patches, phases"),
+    ],
+)
+def test_validate_omniglot_episodes_the_splits_cannot_supply(variant, overrides, expected):
+    config = omniglot_configs.get_config(variant)
+    config.update(overrides)
+    if expected is None:
+        validate(config)
+        return
+    with pytest.raises(ConfigError) as e:
+        validate(config)
+    assert expected in str(e.value) and "\n" not in str(e.value)
 
 
 def test_default_configs_are_valid():
@@ -87,6 +115,14 @@ def test_train_script_rejects_bad_values_before_compute(tmp_path, override, expe
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "w").exists()  # stopped before doing anything
+
+
+def test_train_script_rejects_a_file_as_workdir(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("")
+    result = run(f"--config={CONFIG}:tiny", f"--workdir={path}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"error: --workdir={path} is a file, not a directory"
 
 
 def test_train_script_stops_a_diverged_run_with_one_line(tmp_path):

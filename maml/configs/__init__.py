@@ -33,6 +33,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "checkpoint_every",
         "log_every",
         "num_eval_tasks",
+        "num_val_tasks",
+        "num_validation_classes",
         "num_support",
         "num_query",
         "eval_num_query",
@@ -42,7 +44,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "imaml_cg_steps",
     ):
         _check(config, name, lambda v: _is_int(v) and v > 0, "a positive integer")
-    for name in ("num_inner_steps", "eval_inner_steps", "eval_every", "seed", "eval_report_step"):
+    for name in (
+        "num_inner_steps",
+        "eval_inner_steps",
+        "eval_every",
+        "seed",
+        "split_seed",
+        "eval_report_step",
+    ):
         _check(config, name, lambda v: _is_int(v) and v >= 0, "a non-negative integer")
     _check(
         config,
@@ -52,7 +61,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     )
     for name in ("inner_lr", "outer_lr", "eval_inner_lr", "imaml_lambda"):
         _check(config, name, lambda v: _is_number(v) and v > 0, "a positive number")
-    _check(config, "algorithm", lambda v: v in ALGORITHMS, f"one of {', '.join(ALGORITHMS)}")
+    from maml.ops import CONV_IMPLS
+
+    for name, allowed in (
+        ("task", ("sinusoid", "omniglot")),
+        ("model", ("mlp", "convnet")),
+        ("conv_impl", CONV_IMPLS),
+        ("algorithm", ALGORITHMS),
+    ):
+        ok = lambda v, allowed=allowed: v in allowed  # noqa: E731
+        _check(config, name, ok, f"one of {', '.join(allowed)}")
     _check(config, "init", lambda v: v in ("lecun", "finn"), "one of lecun, finn")
     _check(config, "first_order", lambda v: isinstance(v, bool), "True or False")
     _check(
@@ -75,14 +93,42 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.eval_report_step={config.eval_report_step!r} is invalid: it must be at "
             f"most config.eval_inner_steps={config.eval_inner_steps!r}."
         )
-    if config.get("task") == "omniglot" and config.num_shots + config.num_query > 20:
-        raise ConfigError(
-            f"config.num_shots + config.num_query = {config.num_shots + config.num_query} is "
-            "invalid: Omniglot has 20 drawings per character, so it must be at most 20."
-        )
+    if config.get("task") == "omniglot":
+        _check_omniglot(config)
     for name, every in (("checkpoint_every", "log_every"), ("eval_every", "log_every")):
         if name in config and every in config and config[name] % config[every]:
             raise ConfigError(
                 f"config.{name}={config[name]!r} is invalid: it must be a multiple of "
                 f"config.{every}={config[every]!r}."
             )
+
+
+def _check_omniglot(config) -> None:
+    """Episodes the splits can supply: drawings per class, classes per split."""
+    from maml.tasks import omniglot
+
+    for name, shots in (
+        ("config.num_shots", config.num_shots),
+        ("max(config.eval_shots)", max(config.eval_shots)),
+    ):
+        if shots + config.num_query > omniglot.NUM_DRAWINGS:
+            raise ConfigError(
+                f"{name} + config.num_query = {shots + config.num_query} is invalid: Omniglot "
+                f"has {omniglot.NUM_DRAWINGS} drawings per character, so it must be at most "
+                f"{omniglot.NUM_DRAWINGS}."
+            )
+    sizes = omniglot.split_character_ids(
+        protocol=config.split_protocol,
+        split_seed=config.split_seed,
+        num_validation_classes=config.get("num_validation_classes", omniglot.FINN_NUM_VALIDATION),
+    )
+    factor = 4 if config.rotate == "new_classes" else 1
+    used = ("train", "validation", "test") if config.get("eval_every", 0) else ("train", "test")
+    split = min(used, key=lambda name: len(sizes[name]))
+    classes = factor * len(sizes[split])
+    if config.num_ways > classes:
+        raise ConfigError(
+            f"config.num_ways={config.num_ways!r} is invalid: it must be at most {classes}, "
+            f"the classes of the {split} split (split_protocol={config.split_protocol!r}, "
+            f"rotate={config.rotate!r})."
+        )
