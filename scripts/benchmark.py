@@ -18,7 +18,7 @@ of the traced window in which an op ran (low means launch- or host-bound), and
 the ops that cost most.
 
 The image bank is random uint8 data of Omniglot's shape (1100 classes x 20
-drawings x 28 x 28) unless ``--data_dir`` points at the prepared dataset: the
+drawings x 28 x 28) unless ``--data-dir`` points at the prepared dataset: the
 step's computation is the same either way, as it is for the peer's random
 tensors.
 """
@@ -38,8 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from maml import train
+from maml.configs import ConfigError, validate
 from maml.configs import omniglot as omniglot_config
-from maml.tasks.omniglot import Omniglot
+from maml.ops import CONV_IMPLS
+from maml.tasks.omniglot import DatasetNotFoundError, Omniglot
 
 ROOT = Path(__file__).resolve().parents[1]
 PEER = ROOT.parent / "shared" / "bench" / "peer_torchfunc.py"
@@ -59,7 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--first-order", action="store_true")
     p.add_argument("--algorithm", default="maml", choices=("maml", "fomaml", "imaml"))
     p.add_argument("--remat", action="store_true", help="rematerialise the inner steps")
-    p.add_argument("--conv-impl", default="patches")
+    p.add_argument("--conv-impl", default="patches", choices=CONV_IMPLS)
     p.add_argument("--data-dir", default="", help="use the real Omniglot images")
     p.add_argument(
         "--compare-peer",
@@ -87,6 +89,15 @@ def parse_args(argv=None):
         )
     if args.inner_steps < 0 or args.warmup < 0:
         p.error("--inner-steps and --warmup must be >= 0")
+    try:  # what the shapes ask of Omniglot: drawings per class, classes
+        validate(make_config(args))
+    except ConfigError as e:
+        p.error(
+            str(e)
+            .replace("config.num_shots", "--k-spt")
+            .replace("config.num_query", "--k-qry")
+            .replace("config.num_ways", "--n-way")
+        )
     return args
 
 
@@ -106,6 +117,7 @@ def make_config(args):
         conv_impl=args.conv_impl,
         seed=args.seed,
         data_dir=args.data_dir,
+        eval_every=0,
     )
     return config
 
@@ -113,7 +125,11 @@ def make_config(args):
 def build(args):
     config = make_config(args)
     if args.data_dir:
-        return train.build_experiment(config, "train")
+        try:
+            return train.build_experiment(config, "train")
+        except DatasetNotFoundError as e:
+            print(f"error: {str(e).replace('--config.data_dir', '--data-dir')}", file=sys.stderr)
+            sys.exit(2)
     rng = np.random.default_rng(args.seed)
     images = jnp.asarray(rng.integers(0, 256, (1100, 20, 28, 28), dtype=np.uint8))
     task = Omniglot(
