@@ -234,11 +234,15 @@ def main(argv):
         inner_steps = [-1]
     if not inner_steps or min(inner_steps) < 0:
         _common.fail(f"--inner_steps={','.join(_INNER_STEPS.value)} must be non-negative integers")
-    num_tasks = _NUM_TASKS.value or config.meta_batch_size
+    num_tasks = config.meta_batch_size if _NUM_TASKS.value is None else _NUM_TASKS.value
     if num_tasks < 1:
         _common.fail(f"--num_tasks={num_tasks} must be a positive integer")
     if _REPEATS.value < 1:
         _common.fail(f"--repeats={_REPEATS.value} must be a positive integer")
+    if _FD_EPS.value is not None and not _FD_EPS.value > 0:
+        _common.fail(f"--fd_eps={_FD_EPS.value} must be a positive number")
+    if flags.FLAGS.cpu_devices is not None:
+        _common.fail("--cpu_devices: meta_gradient.py computes on one device; drop the flag")
     workdir = flags.FLAGS.workdir
     output_dir = Path(_OUTPUT_DIR.value or workdir or "runs/meta_gradient")
     x64 = _X64.value if _X64.value is not None else config.model == "mlp"
@@ -258,7 +262,7 @@ def main(argv):
             episode,
             inner_steps=inner_steps,
             repeats=_REPEATS.value,
-            fd_eps=_FD_EPS.value or FD_EPS[precision],
+            fd_eps=FD_EPS[precision] if _FD_EPS.value is None else _FD_EPS.value,
             key=jax.random.key(config.seed + 1),
         )
     report = {

@@ -138,6 +138,20 @@ def test_analysis_without_checkpoint_exits_2(tmp_path, script, which, expected):
     assert not list(tmp_path.glob("*.json"))
 
 
+@pytest.mark.parametrize(
+    "flag, expected",
+    [
+        ("--num_tasks=0", "--num_tasks=0 must be a positive integer"),
+        ("--fd_eps=0", "--fd_eps=0.0 must be a positive number"),
+        ("--cpu_devices=2", "--cpu_devices: meta_gradient.py computes on one device"),
+    ],
+)
+def test_meta_gradient_rejects_bad_flags(tmp_path, flag, expected):
+    code, _, stderr = finish(start("meta_gradient.py", f"--output_dir={tmp_path}", flag))
+    assert code == 2 and len(stderr.strip().splitlines()) == 1
+    assert stderr.startswith(f"error: {expected}")
+
+
 # --- maml.analysis -----------------------------------------------------------------
 
 
