@@ -56,7 +56,9 @@ def hvp(f: ScalarFn, params: PyTree, v: PyTree, *, mode: str = "forward_over_rev
       v: pytree shaped like ``params``.
       mode: ``"forward_over_reverse"`` (the cheapest, default),
         ``"reverse_over_reverse"`` or ``"reverse_over_forward"``; all three
-        agree to rounding.
+        agree to rounding. ``"reverse_over_forward"`` differentiates ``f``
+        forward first, which a ``jax.custom_vjp`` in ``f`` (the ``phases``
+        convolution of ``maml.ops``) does not allow.
 
     Returns:
       A pytree shaped like ``params``.
