@@ -366,6 +366,13 @@ def restore_latest(manager: ocp.CheckpointManager, target: TrainState) -> TrainS
     if step is None:
         return None
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    # Checked first: orbax's failed reads of a mismatched array print tracebacks.
+    mismatch = _shape_mismatch(Path(manager.directory) / str(step), abstract)
+    if mismatch:
+        raise CheckpointError(
+            f"checkpoint {manager.directory}/{step} is from another config: {mismatch}; "
+            "use the config it was trained with, or another --workdir."
+        )
     try:
         return manager.restore(step, args=ocp.args.StandardRestore(abstract))
     except Exception as e:  # orbax raises many types for a bad or foreign checkpoint
@@ -376,21 +383,94 @@ def restore_latest(manager: ocp.CheckpointManager, target: TrainState) -> TrainS
         ) from e
 
 
+def _shape_mismatch(step_dir: Path, abstract: PyTree) -> str | None:
+    """The first array whose saved shape or dtype differs from ``abstract``'s, or ``None``
+    (also when the checkpoint's metadata is unreadable: the restore reports that)."""
+    try:
+        saved = ocp.tree.to_flat_dict(
+            ocp.StandardCheckpointHandler().metadata(step_dir / "default").tree
+        )
+    except Exception:  # an old or damaged layout: left to the restore
+        return None
+    wanted = ocp.tree.to_flat_dict(ocp.tree.serialize_tree(abstract))
+    for key in sorted(set(saved) | set(wanted), key=lambda k: (k[0] != "params", k)):
+        name = "/".join(map(str, key))
+        if key not in saved or key not in wanted:
+            return f"{name} is in the {'config' if key in wanted else 'checkpoint'} only"
+        a, b = saved[key], wanted[key]
+        if tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
+            return (
+                f"{name} is {a.dtype}{list(a.shape)} there, {b.dtype}{list(b.shape)} in this config"
+            )
+    return None
+
+
 # --- The training loop -------------------------------------------------------------
 
 
 def _read_metrics(path: Path) -> list[dict]:
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a hard kill or a full disk
+            continue
+    return records
+
+
+RESUMABLE_CHANGES = frozenset(
+    {
+        "num_steps",
+        "log_every",
+        "checkpoint_every",
+        "eval_every",
+        "num_val_tasks",
+        "eval_report_step",
+        "data_dir",
+        "cache_dir",
+        "download",
+        "remat",
+        "conv_impl",
+        "eval_seed",
+        "num_eval_tasks",
+        "eval_shots",
+        "eval_inner_steps",
+        "eval_inner_lr",
+        "eval_batch_size",
+        "eval_num_query",
+    }
+)
+"""Config fields a resumed run may change freely: how long it runs, how often it logs,
+saves and validates, where the data is, how a step is computed (same numbers), and
+evaluation. Any other change makes the run something its checkpoint was not."""
+
+
+def config_changes(workdir: Path, config: ml_collections.ConfigDict) -> list[str]:
+    """``"field old -> new"`` for each field outside ``RESUMABLE_CHANGES`` in which
+    ``config`` differs from the run's ``config.json`` (fields it lacks are skipped)."""
+    path = workdir / "config.json"
+    if not path.exists():
+        return []
+    saved = json.loads(path.read_text())
+    current = json.loads(config.to_json_best_effort())
+    return [
+        f"{k} {saved[k]!r} -> {v!r}"
+        for k, v in current.items()
+        if k in saved and k not in RESUMABLE_CHANGES and saved[k] != v
+    ]
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drops log lines past ``step``: they belong to a run that did not checkpoint them."""
-    records = _read_metrics(path)
-    kept = [r for r in records if r["step"] <= step]
-    if len(kept) != len(records):
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    """Drops log lines past ``step`` (they belong to a run that did not checkpoint
+    them) and any line cut short, so that the next line starts on a line of its own."""
+    if not path.exists():
+        return
+    kept = [r for r in _read_metrics(path) if r["step"] <= step]
+    text = "".join(json.dumps(r) + "\n" for r in kept)
+    if path.read_text() != text:
+        path.write_text(text)
 
 
 @contextlib.contextmanager
@@ -416,16 +496,21 @@ def _signals_deferred():
             signal.raise_signal(s)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
-    """Meta-trains ``config`` in ``workdir``, resuming from its latest checkpoint."""
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str | Path, *, allow_config_change: bool = False
+) -> TrainState:
+    """Meta-trains ``config`` in ``workdir``, resuming from its latest checkpoint.
+
+    A resumed run must keep the settings in the run's ``config.json`` except
+    ``RESUMABLE_CHANGES`` (else ``ConfigError``), unless ``allow_config_change``:
+    then the old ``config.json`` is kept as ``config.step{N}.json``.
+    """
     workdir = Path(workdir)
     # With several processes (jax.distributed), all of them train and save
     # checkpoints together; only the first writes logs and plots.
     is_main = jax.process_index() == 0
     exp = build_experiment(config, "train")
     (workdir / "plots").mkdir(parents=True, exist_ok=True)
-    if is_main:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     train_key, eval_key = root_keys(config.seed)
     manager = checkpoint_manager(workdir)
     state = init_state(exp)
@@ -433,18 +518,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     metrics_path = workdir / "metrics.jsonl"
     if restored is not None:
         state = restored
+        changed = config_changes(workdir, config)
+        if changed and not allow_config_change:
+            raise ConfigError(
+                f"{workdir} holds a run at step {int(state.step)} with other settings "
+                f"({'; '.join(changed)}): use a new --workdir, or --allow_config_change "
+                "to resume with these."
+            )
+        if changed and is_main:
+            kept = workdir / f"config.step{int(state.step)}.json"
+            (workdir / "config.json").replace(kept)
+            print(f"resuming with {'; '.join(changed)} (was: {kept})", file=sys.stderr)
         if is_main:
             _truncate_metrics(metrics_path, int(state.step))
     elif is_main and metrics_path.exists():
         metrics_path.unlink()
+    if is_main:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     start = int(state.step)
+    if start >= config.num_steps and is_main:
+        print(
+            f"{workdir} is at step {start}, not below config.num_steps={config.num_steps}: "
+            "nothing to train (raise --config.num_steps to train on)",
+            file=sys.stderr,
+        )
 
     val_task = build_task(config, "validation") if config.get("eval_every", 0) else None
     keep_best = val_task is not None
-    if keep_best:
-        best = checkpoint_manager(workdir, "best", val_task.metric)
-        for later in [s for s in best.all_steps() if s > start]:
-            best.delete(later)  # from steps this run replays: it saves them again
+    best = None
+    if keep_best or (workdir / CHECKPOINTS["best"]).is_dir():
+        best = checkpoint_manager(workdir, "best", val_task.metric if keep_best else "accuracy")
+    for later in [s for s in best.all_steps() if s > start] if best else []:
+        # From steps this run replays (it saves them again when it validates), or
+        # from an earlier run in this workdir: either way not this run's best.
+        best.delete(later)
     train_chunk = make_train_chunk(exp, train_key)
     if is_main:
         print(
@@ -506,6 +613,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                         else "and no checkpoint was saved before it"
                     )
                     + ". Lower config.outer_lr or config.inner_lr and run again"
+                    + (" with --allow_config_change" if saved is not None else "")
                     + (" to resume from it." if saved is not None else ".")
                 )
             if val_task is not None and step % config.eval_every == 0:

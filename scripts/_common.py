@@ -1,6 +1,7 @@
 """What the scripts share: config flags, and turning user errors into one line and exit 2."""
 
 import contextlib
+import os
 import signal
 import sys
 from pathlib import Path
@@ -37,8 +38,12 @@ def define_checkpoint_flag():
 
 
 def fail(message: str) -> None:
+    """Prints ``error: message`` and exits with status 2 at once: no interpreter
+    shutdown, where orbax's cancelled reads of a failed restore print tracebacks."""
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(2)
 
 
 def _parse_flags(argv):

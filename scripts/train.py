@@ -4,8 +4,11 @@
     python scripts/train.py --config=maml/configs/sinusoid.py:pretrain --workdir=runs/pretrain
     python scripts/train.py --config=maml/configs/omniglot.py:5way1shot --workdir=runs/o5w1s
 
-Re-running the same command resumes from the latest checkpoint in --workdir.
-Any config field can be overridden, e.g. --config.num_steps=1000.
+Re-running the same command resumes from the latest checkpoint in --workdir
+(with a larger --config.num_steps, it trains on). Any config field can be
+overridden, e.g. --config.num_steps=1000; a resumed run that changes what is
+trained (not just how long, how often it logs or where the data is) stops
+unless --allow_config_change.
 """
 
 from absl import flags
@@ -20,6 +23,13 @@ flags.DEFINE_bool(
     "Call jax.distributed.initialize() first: one process per host, all devices of all "
     "hosts in one mesh. On SLURM, Open MPI and Cloud TPU the coordinator and ranks come "
     "from the environment; elsewhere give the three flags below.",
+)
+flags.DEFINE_bool(
+    "allow_config_change",
+    False,
+    "Resume a --workdir whose config.json has other training settings (say, a lower "
+    "outer_lr after a divergence); the old config.json is kept as config.stepN.json. "
+    "Without it such a resume stops and names the fields.",
 )
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (--multihost).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (--multihost).")
@@ -38,7 +48,9 @@ def main(argv):
             process_id=flags.FLAGS.process_id,
         )
     with _common.user_errors():
-        train.train_and_evaluate(config, flags.FLAGS.workdir)
+        train.train_and_evaluate(
+            config, flags.FLAGS.workdir, allow_config_change=flags.FLAGS.allow_config_change
+        )
 
 
 if __name__ == "__main__":

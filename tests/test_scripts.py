@@ -117,6 +117,32 @@ def test_train_script_rejects_bad_values_before_compute(tmp_path, override, expe
     assert not (tmp_path / "w").exists()  # stopped before doing anything
 
 
+@pytest.mark.parametrize(
+    "script, override, expected",
+    [
+        ("train.py", "--config.hidden_sizes=(20,20)", "params/layers/0/bias is float32[40] there"),
+        ("evaluate.py", "--config.hidden_sizes=(20,20)", "is from another config: params/"),
+        ("train.py", "--config.meta_batch_size=8", "meta_batch_size 4 -> 8"),
+        ("train.py", "--config.num_steps=100", None),  # resumes and trains on
+    ],
+)
+def test_scripts_on_another_runs_checkpoint_fail_in_one_line(tmp_path, script, override, expected):
+    args = [f"--config={CONFIG}:tiny", f"--workdir={tmp_path}", "--config.checkpoint_every=50"]
+    assert run(*args, "--config.num_steps=50").returncode == 0
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), *args, override],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if expected is None:
+        assert result.returncode == 0, result.stderr
+        return
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line, no noise
+    assert expected in result.stderr
+
+
 def test_train_script_rejects_a_file_as_workdir(tmp_path):
     path = tmp_path / "notes.txt"
     path.write_text("")

@@ -166,6 +166,42 @@ def test_resume_drops_log_lines_past_the_checkpoint(tmp_path):
     assert steps == [50, 100, 150, 200]
 
 
+def test_resume_refuses_other_training_settings_unless_allowed(tmp_path, capsys):
+    train.train_and_evaluate(tiny(num_steps=100), tmp_path)
+    saved = (tmp_path / "config.json").read_text()
+    with pytest.raises(ConfigError, match=r"step 100 with other settings \(meta_batch_size 4 -> 8"):
+        train.train_and_evaluate(tiny(meta_batch_size=8), tmp_path)
+    # A checkpoint of other shapes cannot be restored: config.json stays the run's.
+    with pytest.raises(train.CheckpointError):
+        train.train_and_evaluate(tiny(hidden_sizes=(20, 20)), tmp_path)
+    assert (tmp_path / "config.json").read_text() == saved
+    # How long, how often and where may change without leave.
+    train.train_and_evaluate(tiny(num_steps=150, log_every=25, checkpoint_every=50), tmp_path)
+    state = train.train_and_evaluate(tiny(outer_lr=1e-4), tmp_path, allow_config_change=True)
+    assert int(state.step) == 200
+    assert "resuming with outer_lr 0.001 -> 0.0001" in capsys.readouterr().err
+    assert json.loads((tmp_path / "config.step150.json").read_text())["outer_lr"] == 1e-3
+    assert json.loads((tmp_path / "config.json").read_text())["outer_lr"] == 1e-4
+
+
+def test_resume_survives_a_log_line_cut_short(tmp_path):
+    train.train_and_evaluate(tiny(num_steps=100), tmp_path)
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 150, "lo')  # a hard kill mid-write
+    train.train_and_evaluate(tiny(), tmp_path)
+    steps = [r["step"] for r in train._read_metrics(tmp_path / "metrics.jsonl")]
+    assert steps == [50, 100, 150, 200]
+
+
+def test_nothing_to_train_says_so(tmp_path, capsys):
+    train.train_and_evaluate(tiny(num_steps=100), tmp_path)
+    capsys.readouterr()
+    state = train.train_and_evaluate(tiny(num_steps=50), tmp_path)
+    assert int(state.step) == 100
+    message = "is at step 100, not below config.num_steps=50: nothing to train"
+    assert message in capsys.readouterr().err
+
+
 def test_evaluate_writes_eval_json(tmp_path, capsys):
     config = tiny(num_steps=50, checkpoint_every=50, eval_shots=(5, 10), eval_batch_size=8)
     train.train_and_evaluate(config, tmp_path)
@@ -284,7 +320,16 @@ def _records(workdir):
 
 def test_best_checkpoint_is_the_best_validation_and_survives_resume(tmp_path, capsys):
     def config(**overrides):
-        return tiny(eval_every=50, num_val_tasks=8, checkpoint_every=50, **overrides)
+        # Seed 1 with 16 validation tasks validates best at step 50, mid-run.
+        return tiny(
+            **{
+                "eval_every": 50,
+                "num_val_tasks": 16,
+                "checkpoint_every": 50,
+                "seed": 1,
+                **overrides,
+            }
+        )
 
     train.train_and_evaluate(config(), tmp_path / "full")
     val = {r["step"]: r["val_mse"] for r in _records(tmp_path / "full")}
@@ -297,10 +342,9 @@ def test_best_checkpoint_is_the_best_validation_and_survives_resume(tmp_path, ca
 
     _, params, step = train.restore_params(config(), tmp_path / "full", "best")
     _, latest, _ = train.restore_params(config(), tmp_path / "full")
-    assert step == best_step
-    if best_step != 200:
-        pairs = zip(jax.tree.leaves(params), jax.tree.leaves(latest), strict=True)
-        assert not all(np.array_equal(a, b) for a, b in pairs)
+    assert step == best_step != 200
+    pairs = zip(jax.tree.leaves(params), jax.tree.leaves(latest), strict=True)
+    assert not all(np.array_equal(a, b) for a, b in pairs)
     result = evaluate.evaluate(config(), tmp_path / "full", "best")
     assert result["checkpoint"] == "best" and result["checkpoint_step"] == best_step
     assert json.loads((tmp_path / "full" / "eval_best.json").read_text()) == result
@@ -321,11 +365,16 @@ def test_best_checkpoint_is_the_best_validation_and_survives_resume(tmp_path, ca
     # Started again from scratch (checkpoints deleted, another seed): the old
     # run's best must not outlive it.
     shutil.rmtree(tmp_path / "killed" / "checkpoints")
-    train.train_and_evaluate(config(seed=1), tmp_path / "killed")
+    train.train_and_evaluate(config(seed=0), tmp_path / "killed")
     new_best = min(_records(tmp_path / "killed"), key=lambda r: (r["val_mse"], -r["step"]))
     best = train.checkpoint_manager(tmp_path / "killed", "best", "mse")
     assert best.all_steps() == [new_best["step"]]
     assert best.metrics(new_best["step"])["val_mse"] == new_best["val_mse"]
+
+    # Again from scratch, now without validation: no best is left from before.
+    shutil.rmtree(tmp_path / "killed" / "checkpoints")
+    train.train_and_evaluate(config(eval_every=0), tmp_path / "killed")
+    assert train.checkpoint_manager(tmp_path / "killed", "best", "mse").all_steps() == []
 
 
 def test_best_checkpoint_without_validation_fails_clearly(tmp_path):
