@@ -447,6 +447,10 @@ saves and validates, where the data is, how a step is computed (same numbers), a
 evaluation. Any other change makes the run something its checkpoint was not."""
 
 
+SPLIT_FIELDS = ("task", "split_protocol", "split_seed", "num_validation_classes")
+"""Config fields that decide which examples are meta-train, validation and test."""
+
+
 def config_changes(workdir: Path, config: ml_collections.ConfigDict) -> list[str]:
     """``"field old -> new"`` for each field outside ``RESUMABLE_CHANGES`` in which
     ``config`` differs from the run's ``config.json`` (fields it lacks are skipped)."""
@@ -698,6 +702,13 @@ def restore_params(
 ) -> tuple[Experiment, PyTree, int]:
     """``(experiment, params, step)`` of the ``latest`` or ``best`` checkpoint in ``workdir``."""
     workdir = Path(workdir)
+    # Another split would put characters the model trained on among the test ones.
+    split = [c for c in config_changes(workdir, config) if c.split()[0] in SPLIT_FIELDS]
+    if split:
+        raise ConfigError(
+            f"{workdir} was trained on another split ({'; '.join(split)}, from its "
+            "config.json), so these test tasks would not be held out: evaluate with its split."
+        )
     exp = build_experiment(config, "test")
     folder = workdir / CHECKPOINTS[which]
     state = None

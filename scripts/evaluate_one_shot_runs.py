@@ -51,15 +51,16 @@ def main(argv):
     runs_path = Path(flags.FLAGS.runs).expanduser()
     if not runs_path.exists():
         _common.fail(f"one-shot runs not found at {runs_path}: pass --runs=PATH/all_runs.zip.")
-    if config.get("split_protocol") != "background":
-        print(
-            f"warning: config.split_protocol={config.get('split_protocol')!r}: the model may "
-            "have been meta-trained on the runs' evaluation alphabets; only "
-            "split_protocol='background' gives a fair comparison with the published numbers."
-        )
     workdir = Path(flags.FLAGS.workdir)
     with _common.user_errors():
+        # Refuses a config whose split is not the one the model was trained on.
         exp, params, step = train.restore_params(config, workdir, CHECKPOINT.value)
+        if config.get("split_protocol") != "background":
+            print(
+                f"warning: config.split_protocol={config.get('split_protocol')!r}: the model "
+                "may have been meta-trained on the runs' evaluation alphabets; only "
+                "split_protocol='background' gives a fair comparison with the published numbers."
+            )
         try:
             runs = omniglot.load_one_shot_runs(runs_path)
         except (zipfile.BadZipFile, KeyError) as e:

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from maml import core, evaluate, train
+from maml.configs import ConfigError, validate
 from maml.configs import omniglot as omniglot_configs
-from maml.configs import validate
 
 TFDS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tfds"
 
@@ -65,6 +65,10 @@ def test_tiny_omniglot_trains_resumes_and_evaluates(tmp_path, cache_dir):
     assert result["inner_steps"] == list(range(config.eval_inner_steps + 1))
     assert all(0.0 <= m <= 1.0 for m in result["mean"])
     assert (tmp_path / "plots" / "eval.png").is_file()
+    # Trained on Finn's split: the background split's test characters are not held out.
+    for other in ({"split_protocol": "background"}, {"split_seed": 2}):
+        with pytest.raises(ConfigError, match="was trained on another split"):
+            evaluate.evaluate(_tiny(cache_dir, **other), tmp_path)
 
 
 def _is_norm(path) -> bool:
