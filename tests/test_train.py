@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from maml import evaluate, train
+from maml import core, evaluate, train
 from maml.configs import ConfigError, sinusoid, validate
 
 
@@ -49,6 +49,37 @@ def test_training_lowers_post_adaptation_loss(tmp_path):
     assert [r["step"] for r in records] == [100, 200, 300]
     assert (tmp_path / "plots" / "adaptation.png").stat().st_size > 0
     assert (tmp_path / "plots" / "training.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "pretrain"])
+def test_each_algorithm_takes_its_own_meta_gradient(algorithm):
+    exp = train.build_experiment(tiny(algorithm=algorithm))
+    episode = exp.task.sample(jax.random.key(1), 4)
+    support, query = episode["support"], episode["query"]
+    _, _, grads = train.meta_loss_and_grad(exp, exp.init_params, episode)
+
+    def expected(first_order, num_inner_steps):
+        return jax.grad(core.batched_meta_loss, argnums=1)(
+            exp.loss_fn,
+            exp.init_params,
+            support,
+            query,
+            inner_lr=0.01,
+            num_inner_steps=num_inner_steps,
+            first_order=first_order,
+        )
+
+    kinds = {
+        "maml": expected(False, 1),
+        "fomaml": expected(True, 1),
+        "pretrain": expected(False, 0),
+    }
+    for name, other in kinds.items():
+        same = all(
+            np.allclose(a, b, rtol=1e-5, atol=1e-7)
+            for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(other), strict=True)
+        )
+        assert same == (name == algorithm), name  # its own gradient and no other's
 
 
 @pytest.mark.parametrize("algorithm", ["fomaml", "pretrain"])
