@@ -132,12 +132,10 @@ def imaml_loss_and_grad(
             matvec, query_grad, num_iters=num_cg_steps
         )
 
-    rates = inner_lr
-
     # (I + H_aa / lam) g_a = grad_a; the frozen block is the identity with zero
     # right-hand side, so CG leaves it at zero.
     def adapted(tree):
-        return jax.tree.map(lambda x, r: jnp.where(r != 0, x, 0), tree, rates)
+        return jax.tree.map(lambda x, r: jnp.where(r != 0, x, 0), tree, inner_lr)
 
     def masked_matvec(v):
         hv = adapted(second_order.hvp(support_loss, phi, adapted(v)))
@@ -146,7 +144,7 @@ def imaml_loss_and_grad(
     g = second_order.conjugate_gradient(masked_matvec, adapted(query_grad), num_iters=num_cg_steps)
     hg = second_order.hvp(support_loss, phi, g)
     meta_grad = jax.tree.map(
-        lambda gi, qi, hgi, r: jnp.where(r != 0, gi, qi - hgi / lam), g, query_grad, hg, rates
+        lambda gi, qi, hgi, r: jnp.where(r != 0, gi, qi - hgi / lam), g, query_grad, hg, inner_lr
     )
     return query_loss, meta_grad
 

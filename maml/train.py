@@ -20,7 +20,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -451,9 +451,12 @@ SPLIT_FIELDS = ("task", "split_protocol", "split_seed", "num_validation_classes"
 """Config fields that decide which examples are meta-train, validation and test."""
 
 
-def config_changes(workdir: Path, config: ml_collections.ConfigDict) -> list[str]:
-    """``"field old -> new"`` for each field outside ``RESUMABLE_CHANGES`` in which
-    ``config`` differs from the run's ``config.json`` (fields it lacks are skipped)."""
+def config_changes(
+    workdir: Path, config: ml_collections.ConfigDict, fields: Collection[str] | None = None
+) -> list[str]:
+    """``"field old -> new"`` for each of ``fields`` (default: every field outside
+    ``RESUMABLE_CHANGES``) in which ``config`` differs from the run's ``config.json``
+    (fields it lacks are skipped)."""
     path = workdir / "config.json"
     if not path.exists():
         return []
@@ -462,7 +465,9 @@ def config_changes(workdir: Path, config: ml_collections.ConfigDict) -> list[str
     return [
         f"{k} {saved[k]!r} -> {v!r}"
         for k, v in current.items()
-        if k in saved and k not in RESUMABLE_CHANGES and saved[k] != v
+        if k in saved
+        and (k in fields if fields is not None else k not in RESUMABLE_CHANGES)
+        and saved[k] != v
     ]
 
 
@@ -608,17 +613,16 @@ def train_and_evaluate(
                     best.wait_until_finished()
                 bar.close()
                 saved = manager.latest_step()
+                then = (
+                    f"the latest checkpoint is step {saved}. Lower config.outer_lr or "
+                    "config.inner_lr and run again with --allow_config_change to resume from it."
+                    if saved is not None
+                    else "and no checkpoint was saved before it. Lower config.outer_lr or "
+                    "config.inner_lr and run again."
+                )
                 raise DivergedError(
                     f"meta-training diverged: loss or gradient not finite at step "
-                    f"{step - num + bad + 1}; nothing after it was saved, "
-                    + (
-                        f"the latest checkpoint is step {saved}"
-                        if saved is not None
-                        else "and no checkpoint was saved before it"
-                    )
-                    + ". Lower config.outer_lr or config.inner_lr and run again"
-                    + (" with --allow_config_change" if saved is not None else "")
-                    + (" to resume from it." if saved is not None else ".")
+                    f"{step - num + bad + 1}; nothing after it was saved, {then}"
                 )
             if val_task is not None and step % config.eval_every == 0:
                 curve = adaptation_curve(
@@ -703,7 +707,7 @@ def restore_params(
     """``(experiment, params, step)`` of the ``latest`` or ``best`` checkpoint in ``workdir``."""
     workdir = Path(workdir)
     # Another split would put characters the model trained on among the test ones.
-    split = [c for c in config_changes(workdir, config) if c.split()[0] in SPLIT_FIELDS]
+    split = config_changes(workdir, config, SPLIT_FIELDS)
     if split:
         raise ConfigError(
             f"{workdir} was trained on another split ({'; '.join(split)}, from its "
