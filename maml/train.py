@@ -241,26 +241,19 @@ def make_train_chunk(exp: Experiment, train_key: jax.Array):
 # --- Evaluation ------------------------------------------------------------------
 
 
-def adaptation_curve(
+def make_adaptation_curve(
     exp: Experiment,
-    params,
     task,
-    key,
     *,
-    num_tasks,
-    inner_lr,
-    num_inner_steps,
-    batch_size,
-    progress: str | None = None,
-):
-    """Query metric of ``num_tasks`` fresh tasks after 0..``num_inner_steps`` SGD steps.
+    inner_lr: float,
+    num_inner_steps: int,
+    batch_size: int,
+) -> Callable[..., np.ndarray]:
+    """``adaptation_curve`` compiled once: ``curve(params, key, *, num_tasks, progress=None)``.
 
-    ``progress``, if given, labels a progress bar over the batches of tasks.
-
-    Returns:
-      ``(num_inner_steps + 1, num_tasks)`` numpy array of ``task.metric``.
+    Training validates with the same function every ``eval_every`` steps; building
+    it once keeps those validations from tracing and compiling it again.
     """
-
     rates = exp.inner_rates(inner_lr)
     # The tasks of a batch are split over the mesh as in training, when they
     # divide evenly; the same tasks are drawn whatever the device count. The
@@ -271,7 +264,7 @@ def adaptation_curve(
         tasks = jax.sharding.NamedSharding(exp.mesh, jax.sharding.PartitionSpec("tasks"))
 
     @functools.partial(jax.jit, out_shardings=replicated)
-    def curve(params, key):
+    def batch_curve(params, key):
         episode = jax.lax.with_sharding_constraint(task.sample(key, batch_size), tasks)
 
         def one_task(support, query):
@@ -285,16 +278,46 @@ def adaptation_curve(
 
         return jax.vmap(one_task, out_axes=1)(episode["support"], episode["query"])
 
-    num_batches = -(-num_tasks // batch_size)
-    batches = tqdm(
-        range(num_batches),
-        desc=progress,
-        unit="batch",
-        dynamic_ncols=True,
-        disable=progress is None or jax.process_index() != 0,
+    def curve(params, key, *, num_tasks: int, progress: str | None = None) -> np.ndarray:
+        batches = tqdm(
+            range(-(-num_tasks // batch_size)),
+            desc=progress,
+            unit="batch",
+            dynamic_ncols=True,
+            disable=progress is None or jax.process_index() != 0,
+        )
+        out = [np.asarray(batch_curve(params, jax.random.fold_in(key, b))) for b in batches]
+        return np.concatenate(out, axis=1)[:, :num_tasks]
+
+    return curve
+
+
+def adaptation_curve(
+    exp: Experiment,
+    params: PyTree,
+    task,
+    key: jax.Array,
+    *,
+    num_tasks: int,
+    inner_lr: float,
+    num_inner_steps: int,
+    batch_size: int,
+    progress: str | None = None,
+) -> np.ndarray:
+    """Query metric of ``num_tasks`` fresh tasks after 0..``num_inner_steps`` SGD steps.
+
+    Tasks are drawn ``batch_size`` at a time from ``task`` (batch ``b`` from
+    ``fold_in(key, b)``) and adapted on their support sets at ``inner_lr``
+    (``exp.inner_rates``: 0 for the leaves the config keeps out of the inner
+    loop). ``progress``, if given, labels a progress bar over the batches.
+
+    Returns:
+      ``(num_inner_steps + 1, num_tasks)`` numpy array of ``task.metric``.
+    """
+    curve = make_adaptation_curve(
+        exp, task, inner_lr=inner_lr, num_inner_steps=num_inner_steps, batch_size=batch_size
     )
-    out = [np.asarray(curve(params, jax.random.fold_in(key, b))) for b in batches]
-    return np.concatenate(out, axis=1)[:, :num_tasks]
+    return curve(params, key, num_tasks=num_tasks, progress=progress)
 
 
 def summarize(values: np.ndarray) -> dict:
@@ -562,6 +585,14 @@ def train_and_evaluate(
         # from an earlier run in this workdir: either way not this run's best.
         best.delete(later)
     train_chunk = make_train_chunk(exp, train_key)
+    if val_task is not None:
+        validation_curve = make_adaptation_curve(
+            exp,
+            val_task,
+            inner_lr=config.get("eval_inner_lr", config.inner_lr),
+            num_inner_steps=config.get("eval_report_step", config.num_inner_steps),
+            batch_size=min(config.num_val_tasks, config.get("eval_batch_size", 100)),
+        )
     if is_main:
         print(
             f"{config.task}/{config.algorithm}: meta-batch {config.meta_batch_size} sharded over "
@@ -625,15 +656,8 @@ def train_and_evaluate(
                     f"{step - num + bad + 1}; nothing after it was saved, {then}"
                 )
             if val_task is not None and step % config.eval_every == 0:
-                curve = adaptation_curve(
-                    exp,
-                    state.params,
-                    val_task,
-                    jax.random.fold_in(eval_key, step),
-                    num_tasks=config.num_val_tasks,
-                    inner_lr=config.get("eval_inner_lr", config.inner_lr),
-                    num_inner_steps=config.get("eval_report_step", config.num_inner_steps),
-                    batch_size=min(config.num_val_tasks, config.get("eval_batch_size", 100)),
+                curve = validation_curve(
+                    state.params, jax.random.fold_in(eval_key, step), num_tasks=config.num_val_tasks
                 )
                 record[f"val_{val_task.metric}"] = float(curve[-1].mean())
             if keep_best and f"val_{val_task.metric}" in record:
@@ -661,8 +685,10 @@ def train_and_evaluate(
         step = int(state.step)
         if step > logged:  # interrupted between the chunk and its log line
             log(chunk_record(step, metrics))  # without the validation, if one was due
-        manager.save(step, args=ocp.args.StandardSave(state), force=True)
         manager.wait_until_finished()
+        if step not in manager.all_steps():  # not already saved just before the interrupt
+            manager.save(step, args=ocp.args.StandardSave(state), force=True)
+            manager.wait_until_finished()
         if keep_best:
             best.wait_until_finished()
         bar.close()

@@ -11,6 +11,7 @@ import pytest
 
 from maml import core, evaluate, train
 from maml.configs import ConfigError, sinusoid, validate
+from maml.tasks.sinusoid import Sinusoid
 
 
 def tiny(**overrides):
@@ -104,7 +105,9 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert strip(log("full")) == strip(log("resumed"))
 
 
-def test_ctrl_c_saves_the_last_step_and_resumes_bit_for_bit(tmp_path, monkeypatch, capsys):
+# Step 150 falls between checkpoints (every 100); step 100 was saved just before the interrupt.
+@pytest.mark.parametrize("stop", [150, 100])
+def test_ctrl_c_saves_the_last_step_and_resumes_bit_for_bit(tmp_path, monkeypatch, capsys, stop):
     full = train.train_and_evaluate(tiny(), tmp_path / "full")
 
     class InterruptedBar(train.tqdm):
@@ -113,15 +116,15 @@ def test_ctrl_c_saves_the_last_step_and_resumes_bit_for_bit(tmp_path, monkeypatc
         def update(self, n=1):
             super().update(n)
             InterruptedBar.updates += 1
-            if InterruptedBar.updates == 3:  # step 150: between checkpoints (every 100)
+            if InterruptedBar.updates == stop // 50:  # one update per 50-step chunk
                 raise KeyboardInterrupt
 
     monkeypatch.setattr(train, "tqdm", InterruptedBar)
     with pytest.raises(KeyboardInterrupt):
         train.train_and_evaluate(tiny(), tmp_path / "resumed")
-    assert "interrupted: saved a checkpoint at step 150" in capsys.readouterr().err
+    assert f"interrupted: saved a checkpoint at step {stop}" in capsys.readouterr().err
     saved = sorted(int(p.name) for p in (tmp_path / "resumed" / "checkpoints").iterdir())
-    assert saved[-1] == 150
+    assert saved[-1] == stop
     monkeypatch.undo()
     resumed = train.train_and_evaluate(tiny(), tmp_path / "resumed")
     jax.tree.map(np.testing.assert_array_equal, resumed.params, full.params)
@@ -162,15 +165,20 @@ def test_ctrl_c_during_validation_still_logs_the_chunk(tmp_path, monkeypatch):
         return tiny(eval_every=50, num_val_tasks=4)
 
     train.train_and_evaluate(config(), tmp_path / "full")
-    validate, calls = train.adaptation_curve, []
+    make_curve, calls = train.make_adaptation_curve, []
 
-    def interrupted_at_150(*args, **kwargs):
-        calls.append(None)
-        if len(calls) == 3:  # validations at 50, 100, 150; checkpoints every 100
-            raise KeyboardInterrupt
-        return validate(*args, **kwargs)
+    def make_interrupted_curve(*args, **kwargs):
+        validate = make_curve(*args, **kwargs)
 
-    monkeypatch.setattr(train, "adaptation_curve", interrupted_at_150)
+        def interrupted_at_150(*args, **kwargs):
+            calls.append(None)
+            if len(calls) == 3:  # validations at 50, 100, 150; checkpoints every 100
+                raise KeyboardInterrupt
+            return validate(*args, **kwargs)
+
+        return interrupted_at_150
+
+    monkeypatch.setattr(train, "make_adaptation_curve", make_interrupted_curve)
     with pytest.raises(KeyboardInterrupt):
         train.train_and_evaluate(config(), tmp_path / "resumed")
     monkeypatch.undo()
@@ -428,3 +436,18 @@ def test_best_checkpoint_keeps_the_later_of_equal_validations(tmp_path, metric, 
         )
     best.wait_until_finished()
     assert best.all_steps() == [4]
+
+
+def test_validation_compiles_once(tmp_path, monkeypatch):
+    sample, traced = Sinusoid.sample, []
+
+    def counting_sample(self, key, num_tasks):
+        if isinstance(key, jax.core.Tracer):
+            traced.append(num_tasks)
+        return sample(self, key, num_tasks)
+
+    monkeypatch.setattr(Sinusoid, "sample", counting_sample)
+    config = tiny(eval_every=50, num_val_tasks=3, eval_batch_size=3)
+    train.train_and_evaluate(config, tmp_path)
+    # Four validations of 3 tasks (the meta-batch is 4): the validation curve is traced once.
+    assert traced.count(config.num_val_tasks) == 1
