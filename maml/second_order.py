@@ -313,9 +313,10 @@ def conjugate_gradient(
     Returns:
       ``x``, a pytree shaped like ``b``.
     """
-    if x0 is None:
-        x0 = jax.tree.map(jnp.zeros_like, b)
-    r0 = jax.tree.map(lambda bi, ai: bi - ai, b, matvec(x0))
+    if x0 is None:  # r0 = b: no matvec spent on A @ 0
+        x0, r0 = jax.tree.map(jnp.zeros_like, b), b
+    else:
+        r0 = jax.tree.map(lambda bi, ai: bi - ai, b, matvec(x0))
     threshold = (tol**2) * tree_vdot(b, b)
 
     def axpy(a, x, y):

@@ -537,14 +537,27 @@ def train_and_evaluate(
     ``RESUMABLE_CHANGES`` (else ``ConfigError``), unless ``allow_config_change``:
     then the old ``config.json`` is kept as ``config.step{N}.json``.
     """
-    workdir = Path(workdir)
+    # The checkpoint managers' background threads end with the run, however it ends.
+    with contextlib.ExitStack() as managers:
+        return _train_and_evaluate(
+            config, Path(workdir), allow_config_change, opened=managers.enter_context
+        )
+
+
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: Path,
+    allow_config_change: bool,
+    *,
+    opened: Callable[[ocp.CheckpointManager], ocp.CheckpointManager],
+) -> TrainState:
     # With several processes (jax.distributed), all of them train and save
     # checkpoints together; only the first writes logs and plots.
     is_main = jax.process_index() == 0
     exp = build_experiment(config, "train")
     (workdir / "plots").mkdir(parents=True, exist_ok=True)
     train_key, eval_key = root_keys(config.seed)
-    manager = checkpoint_manager(workdir)
+    manager = opened(checkpoint_manager(workdir))
     state = init_state(exp)
     restored = restore_latest(manager, state)
     metrics_path = workdir / "metrics.jsonl"
@@ -579,7 +592,9 @@ def train_and_evaluate(
     keep_best = val_task is not None
     best = None
     if keep_best or (workdir / CHECKPOINTS["best"]).is_dir():
-        best = checkpoint_manager(workdir, "best", val_task.metric if keep_best else "accuracy")
+        best = opened(
+            checkpoint_manager(workdir, "best", val_task.metric if keep_best else "accuracy")
+        )
     for later in [s for s in best.all_steps() if s > start] if best else []:
         # From steps this run replays (it saves them again when it validates), or
         # from an earlier run in this workdir: either way not this run's best.
@@ -743,7 +758,8 @@ def restore_params(
     folder = workdir / CHECKPOINTS[which]
     state = None
     if folder.is_dir():
-        state = restore_latest(checkpoint_manager(workdir, which, exp.task.metric), init_state(exp))
+        with checkpoint_manager(workdir, which, exp.task.metric) as manager:
+            state = restore_latest(manager, init_state(exp))
     if state is None:
         how = (
             f"train first with scripts/train.py --workdir={workdir}"

@@ -158,6 +158,29 @@ def test_spectral_density_is_exact_for_a_diagonal_hessian():
     assert abs(float(grid[jnp.argmax(density)]) - 1.0) < 0.05
 
 
+def test_spectral_density_moments_with_fewer_lanczos_steps_than_parameters():
+    # A diagonal Hessian of 40 distinct eigenvalues and 5 Lanczos steps: the nodes are
+    # Ritz values, not eigenvalues, but m-step Gauss quadrature is exact for
+    # polynomials of degree <= 2m - 1, and every unit Rademacher probe v has
+    # v^T H^j v = mean(d^j). So the density's moments are the eigenvalues' (plus the
+    # Gaussian broadening's): the quadrature weights, not just the nodes, are right.
+    d = jnp.linspace(0.5, 20.0, 40) ** 1.3
+    f = lambda p: 0.5 * jnp.sum(d * p**2)  # noqa: E731
+    sigma = 0.1
+    grid = jnp.linspace(float(d.min()) - 2.0, float(d.max()) + 2.0, 20_000)
+    _, density = so.spectral_density(
+        f, jnp.zeros(40), num_iters=5, num_probes=3, key=jax.random.key(0), grid=grid, sigma=sigma
+    )
+
+    def moment(j):
+        return float(jnp.trapezoid(grid**j * density, grid))
+
+    mean = lambda x: float(jnp.mean(x))  # noqa: E731
+    np.testing.assert_allclose(moment(1), mean(d), rtol=1e-7)
+    np.testing.assert_allclose(moment(2), mean(d**2) + sigma**2, rtol=1e-7)
+    np.testing.assert_allclose(moment(3), mean(d**3) + 3 * sigma**2 * mean(d), rtol=1e-7)
+
+
 def test_spectral_density_mass_sits_at_the_eigenvalues():
     loss_fn, params, support, _ = mlp_problem(sizes=(2, 8, 1))
     f = lambda p: loss_fn(p, support)  # noqa: E731
@@ -209,7 +232,22 @@ def test_conjugate_gradient_on_pytrees_with_initial_guess():
     expected = np.linalg.solve(A, flat(b))
     x = so.conjugate_gradient(matvec, b, num_iters=20)
     np.testing.assert_allclose(flat(x), expected, rtol=1e-8)
-    # Starting at the solution, zero residual: no NaNs from 0 / 0.
-    x = so.conjugate_gradient(matvec, unravel(jnp.asarray(expected)), num_iters=5, x0=x)
+    # Started at the solution, it stays there.
     x = so.conjugate_gradient(matvec, b, num_iters=5, x0=unravel(jnp.asarray(expected)))
     np.testing.assert_allclose(flat(x), expected, rtol=1e-8)
+
+
+def test_conjugate_gradient_differentiates_and_survives_a_zero_residual():
+    A = spd_matrix(6, 2)
+    b, c = jnp.arange(6.0) - 2.5, jnp.linspace(-1.0, 1.0, 6)
+
+    def objective(b):
+        return c @ so.conjugate_gradient(lambda v: A @ v, b, num_iters=30)
+
+    # d/db of c^T A^{-1} b is A^{-1} c: reverse mode through the loop.
+    np.testing.assert_allclose(jax.grad(objective)(b), np.linalg.solve(A, c), rtol=1e-7)
+    # b = 0: zero residual from the start, so every step divides 0 by 0 unless guarded;
+    # the solve is exactly 0 and its gradient finite.
+    zero = jnp.zeros(6)
+    assert np.all(np.asarray(so.conjugate_gradient(lambda v: A @ v, zero, num_iters=5)) == 0)
+    assert np.all(np.isfinite(jax.grad(objective)(zero)))
