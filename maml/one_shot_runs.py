@@ -150,15 +150,6 @@ def evaluate_runs(
     }
 
 
-def eval_inner_lr(exp, rate: float) -> float | PyTree:
-    """``rate`` shaped like ``exp.inner_lr``: per leaf, 0 where training froze a leaf.
-
-    With ``adapt_norm=False`` the model never adapted BatchNorm's scale and
-    offset in training; evaluation keeps them frozen too.
-    """
-    return exp.inner_rates(rate)
-
-
 def format_table(result: dict, *, report_step: int | None = None) -> str:
     """The result of ``evaluate_runs`` as text: error per inner step, per run, and published."""
     lines = [

@@ -54,9 +54,7 @@ def sinusoid_adaptation(exp, params, key, path: Path, *, steps=(1, 10)) -> None:
     ax.plot(x, exp.apply_fn(params, x), ":", color="tab:green", label="pre-update")
     p, done = params, 0
     for n, style in zip(steps, ("--", "-"), strict=False):
-        p = core.adapt(
-            exp.loss_fn, p, support, inner_lr=exp.config.inner_lr, num_inner_steps=n - done
-        )
+        p = core.adapt(exp.loss_fn, p, support, inner_lr=exp.inner_lr, num_inner_steps=n - done)
         done = n
         ax.plot(
             x,

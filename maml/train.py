@@ -501,8 +501,10 @@ def _truncate_metrics(path: Path, step: int) -> None:
         return
     kept = [r for r in _read_metrics(path) if r["step"] <= step]
     text = "".join(json.dumps(r) + "\n" for r in kept)
-    if path.read_text() != text:
-        path.write_text(text)
+    if path.read_text() != text:  # replaced whole, so that a crash here loses no line
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ only (split_protocol "background").
 """
 
 import json
+import sys
 import zipfile
 from pathlib import Path
 
@@ -59,7 +60,8 @@ def main(argv):
             print(
                 f"warning: config.split_protocol={config.get('split_protocol')!r}: the model "
                 "may have been meta-trained on the runs' evaluation alphabets; only "
-                "split_protocol='background' gives a fair comparison with the published numbers."
+                "split_protocol='background' gives a fair comparison with the published numbers.",
+                file=sys.stderr,
             )
         try:
             runs = omniglot.load_one_shot_runs(runs_path)
@@ -69,7 +71,8 @@ def main(argv):
             exp,
             params,
             runs,
-            inner_lr=one_shot_runs.eval_inner_lr(exp, config.eval_inner_lr),
+            # With adapt_norm=False, the leaves training froze stay frozen.
+            inner_lr=exp.inner_rates(config.eval_inner_lr),
             num_inner_steps=config.eval_inner_steps,
         )
     result = {

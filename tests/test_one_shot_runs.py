@@ -122,13 +122,13 @@ def test_evaluate_runs_rejects_a_model_that_is_not_20_way():
         )
 
 
-def test_eval_inner_lr_keeps_frozen_leaves_frozen():
+def test_inner_rates_keep_frozen_leaves_frozen():
     config = omniglot_configs.get_config("20way1shot")
     apply_fn, params = train.build_model(config, 0)
     exp = train.Experiment(config, apply_fn, params, None, None, None)
-    assert one_shot_runs.eval_inner_lr(exp, 0.3) == 0.3
+    assert exp.inner_rates(0.3) == 0.3
     config.adapt_norm = False
-    rates = one_shot_runs.eval_inner_lr(exp, 0.3)
+    rates = exp.inner_rates(0.3)
     flat = jax.tree_util.tree_flatten_with_path(rates)[0]
     assert {rate for path, rate in flat if "norm" in jax.tree_util.keystr(path)} == {0.0}
     assert {rate for path, rate in flat if "norm" not in jax.tree_util.keystr(path)} == {0.3}
@@ -208,7 +208,7 @@ def test_script_writes_json_and_warns_about_the_split(tmp_path, cache_dir, runs)
         f"--runs={RUNS_ZIP}",
     )
     assert result.returncode == 0, result.stderr
-    assert "warning: config.split_protocol='finn'" in result.stdout
+    assert "warning: config.split_protocol='finn'" in result.stderr
     assert "people 4.5%" in result.stdout and "Bayesian Program Learning 3.3%" in result.stdout
     saved = json.loads((tmp_path / "one_shot_runs.json").read_text())
     assert saved["checkpoint_step"] == 0 and saved["inner_steps"] == [0, 1]

@@ -11,7 +11,8 @@ meta-batch 32, and is tested with 3 steps; 20-way trains and tests with 5
 steps at inner lr 0.1, meta-batch 16; Adam 1e-3; 60,000 meta-iterations; as
 many query drawings per class as support drawings; every class of a task
 rotated by a random multiple of 90 degrees; BatchNorm always on the batch's
-own statistics.
+own statistics. One difference by default: BatchNorm's scale and offset adapt
+in the inner loop (``adapt_norm``; Finn's code kept them out of it).
 """
 
 import ml_collections
@@ -38,7 +39,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.inner_lr = 0.4
     c.num_inner_steps = 1
     c.first_order = False
-    c.adapt_norm = True  # Finn's code kept BatchNorm scale/offset out of the inner loop
+    # BatchNorm scale and offset adapt in the inner loop; False reproduces Finn's code,
+    # which kept them out of it.
+    c.adapt_norm = True
     c.remat = False
     c.outer_lr = 1e-3
     c.imaml_lambda = 2.0
