@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from maml import core, evaluate, train
+from maml import core, evaluate, imaml, train
 from maml.configs import ConfigError, sinusoid, validate
 from maml.tasks.sinusoid import Sinusoid
 
@@ -52,35 +52,64 @@ def test_training_lowers_post_adaptation_loss(tmp_path):
     assert (tmp_path / "plots" / "training.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "pretrain"])
-def test_each_algorithm_takes_its_own_meta_gradient(algorithm):
-    exp = train.build_experiment(tiny(algorithm=algorithm))
+@pytest.mark.parametrize(
+    "algorithm, first_order",
+    [("maml", False), ("fomaml", False), ("maml", True), ("pretrain", False), ("imaml", False)],
+)
+def test_each_algorithm_takes_its_own_meta_gradient(algorithm, first_order):
+    # Training's inner settings, all distinct from the evaluation's and from 1 step.
+    config = tiny(
+        algorithm=algorithm,
+        first_order=first_order,
+        inner_lr=0.03,
+        eval_inner_lr=0.5,
+        num_inner_steps=2,
+        imaml_lambda=0.7,
+        imaml_cg_steps=3,
+    )
+    exp = train.build_experiment(config)
     episode = exp.task.sample(jax.random.key(1), 4)
     support, query = episode["support"], episode["query"]
     _, _, grads = train.meta_loss_and_grad(exp, exp.init_params, episode)
 
-    def expected(first_order, num_inner_steps):
+    def maml_grad(first_order, num_inner_steps):
         return jax.grad(core.batched_meta_loss, argnums=1)(
             exp.loss_fn,
             exp.init_params,
             support,
             query,
-            inner_lr=0.01,
+            inner_lr=0.03,
             num_inner_steps=num_inner_steps,
             first_order=first_order,
         )
 
     kinds = {
-        "maml": expected(False, 1),
-        "fomaml": expected(True, 1),
-        "pretrain": expected(False, 0),
+        "maml": maml_grad(False, 2),
+        "fomaml": maml_grad(True, 2),
+        "pretrain": maml_grad(False, 0),
+        "imaml": imaml.batched_imaml_loss_and_grad(
+            exp.loss_fn,
+            exp.init_params,
+            support,
+            query,
+            inner_lr=0.03,
+            num_inner_steps=2,
+            lam=0.7,
+            num_cg_steps=3,
+        )[1],
     }
+    own = "fomaml" if first_order else algorithm
     for name, other in kinds.items():
         same = all(
             np.allclose(a, b, rtol=1e-5, atol=1e-7)
             for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(other), strict=True)
         )
-        assert same == (name == algorithm), name  # its own gradient and no other's
+        assert same == (name == own), name  # its own gradient and no other's
+
+
+def test_first_order_is_refused_where_it_means_nothing():
+    with pytest.raises(ConfigError, match="first_order=True is invalid with config.algorithm"):
+        validate(tiny(algorithm="imaml", first_order=True))
 
 
 @pytest.mark.parametrize("algorithm", ["fomaml", "pretrain"])
@@ -241,11 +270,57 @@ def test_nothing_to_train_says_so(tmp_path, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_evaluate_writes_eval_json(tmp_path, capsys):
-    config = tiny(num_steps=50, checkpoint_every=50, eval_shots=(5, 10), eval_batch_size=8)
+def test_adaptation_curve_is_the_query_metric_after_k_steps():
+    exp = train.build_experiment(tiny())
+    key, lr = jax.random.key(5), 0.3
+    curve = train.adaptation_curve(
+        exp,
+        exp.init_params,
+        exp.task,
+        key,
+        num_tasks=6,
+        inner_lr=lr,
+        num_inner_steps=2,
+        batch_size=4,
+    )
+    # Batch b of 4 tasks from fold_in(key, b); the last batch's extra tasks dropped.
+    expected = []
+    for b, kept in ((0, 4), (1, 2)):
+        episode = exp.task.sample(jax.random.fold_in(key, b), 4)
+        for t in range(kept):
+            support, (xq, yq) = jax.tree.map(
+                lambda a, t=t: a[t], (episode["support"], episode["query"])
+            )
+            expected.append(
+                [
+                    exp.task.metrics(exp.apply_fn(adapted, xq), yq)["mse"]
+                    for adapted in (
+                        core.adapt(
+                            exp.loss_fn, exp.init_params, support, inner_lr=lr, num_inner_steps=k
+                        )
+                        for k in range(3)
+                    )
+                ]
+            )
+    np.testing.assert_allclose(curve, np.array(expected).T, rtol=1e-5)
+
+
+def test_evaluate_writes_eval_json(tmp_path, capsys, monkeypatch):
+    config = tiny(
+        num_steps=50, checkpoint_every=50, eval_shots=(5, 10), eval_batch_size=8, eval_inner_lr=0.02
+    )
     train.train_and_evaluate(config, tmp_path)
     capsys.readouterr()
+    curve, calls = evaluate.adaptation_curve, []
+
+    def spy(exp, params, task, key, **kwargs):
+        calls.append((task.num_support, kwargs["inner_lr"], kwargs["num_inner_steps"]))
+        return curve(exp, params, task, key, **kwargs)
+
+    monkeypatch.setattr(evaluate, "adaptation_curve", spy)
     result = evaluate.evaluate(config, tmp_path)
+    # Each K's tasks have K support points; adapted at eval_inner_lr, not inner_lr (0.01).
+    assert calls == [(5, 0.02, 2), (10, 0.02, 2)]
     bar = capsys.readouterr().err  # 20 tasks in batches of 8, a bar per K
     assert "sinusoid K=5" in bar and "sinusoid K=10" in bar and "3/3" in bar
     on_disk = json.loads((tmp_path / "eval.json").read_text())

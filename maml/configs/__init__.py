@@ -73,6 +73,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _check(config, name, ok, f"one of {', '.join(allowed)}")
     _check(config, "init", lambda v: v in ("lecun", "finn"), "one of lecun, finn")
     _check(config, "first_order", lambda v: isinstance(v, bool), "True or False")
+    if config.get("first_order") and config.get("algorithm") in ("imaml", "pretrain"):
+        raise ConfigError(
+            f"config.first_order=True is invalid with config.algorithm={config.algorithm!r}, "
+            "which has no inner gradients to hold constant: it must be False."
+        )
     _check(
         config,
         "eval_shots",
