@@ -229,6 +229,24 @@ def support_loss(loss_fn: LossFn, params: PyTree, support: Batch) -> jax.Array:
     return jnp.mean(jax.vmap(lambda s: loss_fn(params, s))(support))
 
 
+def adapted_only(loss_fn: LossFn, params: PyTree, inner_lr: float | PyTree) -> LossFn:
+    """``loss_fn`` as the inner loop sees it: a function of the leaves it adapts only.
+
+    With per-leaf rates (``Experiment.inner_rates``), the leaves of rate 0 are
+    held at ``params``, so the Hessian of the result at ``params`` is
+    ``loss_fn``'s with the frozen leaves' rows and columns zeroed: the block
+    whose curvature decides whether inner SGD is stable. A scalar rate adapts
+    every leaf, and ``loss_fn`` comes back unchanged.
+    """
+    if jax.tree.structure(inner_lr) != jax.tree.structure(params):
+        return loss_fn
+
+    def restricted(p: PyTree, batch: Batch) -> jax.Array:
+        return loss_fn(jax.tree.map(lambda r, q, p0: q if r else p0, inner_lr, p, params), batch)
+
+    return restricted
+
+
 def curvature(
     f: Callable[[PyTree], jax.Array],
     params: PyTree,

@@ -11,7 +11,9 @@ Hessian), the top ``--top_k`` eigenvalues (Lanczos) and the eigenvalue
 density (stochastic Lanczos quadrature, ``--num_probes`` probes) of
 
   (a) the pre-adaptation support loss, the mean over tasks of
-      ``loss(params, support)``, the function the inner loop descends;
+      ``loss(params, support)``, the function the inner loop descends (of the
+      adapted leaves only: with ``adapt_norm=False`` BatchNorm's scale and
+      offset are held fixed, and add zero eigenvalues to the density);
   (b) the meta-loss, the mean over tasks of ``meta_loss`` with the config's
       ``num_inner_steps`` and ``inner_lr``;
 
@@ -57,9 +59,15 @@ def analyze(exp, params, *, num_tasks, top_k, num_iters, num_probes, seed) -> di
     episode = exp.task.sample(task_key, num_tasks)
     support, query = episode["support"], episode["query"]
     inner_lr = exp.inner_lr
+    # The curvature inner SGD meets: that of the leaves it adapts.
+    inner_loss_fn = analysis.adapted_only(exp.loss_fn, params, inner_lr)
+    adapted = params
+    if jax.tree.structure(inner_lr) == jax.tree.structure(params):
+        leaves = zip(jax.tree.leaves(params), jax.tree.leaves(inner_lr), strict=True)
+        adapted = [x for x, rate in leaves if rate]
 
     def support_loss(p, support):
-        return analysis.support_loss(exp.loss_fn, p, support)
+        return analysis.support_loss(inner_loss_fn, p, support)
 
     def meta_loss(p, support, query):
         return core.batched_meta_loss(
@@ -99,13 +107,15 @@ def analyze(exp, params, *, num_tasks, top_k, num_iters, num_probes, seed) -> di
     t0 = time.perf_counter()
     per_task = jax.jit(
         lambda p, s, key: analysis.per_task_lambda_max(
-            exp.loss_fn, p, s, num_iters=num_iters, key=key
+            inner_loss_fn, p, s, num_iters=num_iters, key=key
         )
     )(params, support, keys[2])
     per_task = np.asarray(per_task).tolist()
     per_task_s = time.perf_counter() - t0
     return {
         "num_params": int(sum(np.size(x) for x in jax.tree.leaves(params))),
+        # Those the inner loop adapts; the support-loss spectra are of these.
+        "num_adapted_params": int(sum(np.size(x) for x in jax.tree.leaves(adapted))),
         "num_tasks": num_tasks,
         "num_inner_steps": config.num_inner_steps,
         "inner_lr": config.inner_lr,
@@ -174,7 +184,8 @@ def plot(report, path: Path) -> None:
 def print_summary(report) -> None:
     s = report["stability"]
     print(
-        f"{report['config_name']}: {report['num_params']} params, checkpoint step "
+        f"{report['config_name']}: {report['num_params']} params "
+        f"({report['num_adapted_params']} adapted in the inner loop), checkpoint step "
         f"{report['step']}, {report['num_tasks']} tasks, {report['lanczos_iters']} Lanczos steps"
     )
     for name in ("support_loss", "meta_loss"):

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.flatten_util import ravel_pytree
 
 from maml import analysis, core, second_order, train
 from maml.configs import sinusoid
@@ -104,6 +105,10 @@ def test_analyze_curvature_json(outputs):
     assert (out / "curvature.png").stat().st_size > 0
     assert "2/lambda_max" in stdout["curvature"]
     assert report["checkpoint"] == "latest" and report["step"] == 50
+    assert report["num_adapted_params"] == report["num_params"] == 1761
+    # Two functions, two spectra (a copy of one for the other would pass the checks below).
+    assert report["meta_loss"]["eigenvalues"] != report["support_loss"]["eigenvalues"]
+    assert report["meta_loss"]["value"] != report["support_loss"]["value"]
     for name in ("support_loss", "meta_loss"):
         r = report[name]
         assert len(r["eigenvalues"]) == 3
@@ -171,25 +176,46 @@ def mlp64(x64):
 
 def test_lanczos_lambda_max_matches_dense_hessian(mlp64):
     loss_fn, params, episode = mlp64
-    # One task: the batch's support loss is then that task's, one dense Hessian for both.
-    support = jax.tree.map(lambda x: x[:1], episode["support"])
-
-    def f(p):
-        return analysis.support_loss(loss_fn, p, support)
+    support = episode["support"]
 
     def dense_hessian(g):
         return np.asarray(jax.jit(lambda p: second_order.hessian(g, p)[0])(params))
 
-    dense = dense_hessian(f)
-    exact = np.linalg.eigvalsh(dense)[::-1]
+    def f(p):
+        return analysis.support_loss(loss_fn, p, support)
+
+    exact = np.linalg.eigvalsh(dense_hessian(f))[::-1]
     result = jax.jit(
         lambda p, key: analysis.curvature(f, p, top_k=2, num_iters=40, num_probes=1, key=key)
     )(params, jax.random.key(2))
     np.testing.assert_allclose(result["eigenvalues"], exact[:2], rtol=1e-6)
+    # Each of the 3 tasks against its own dense Hessian.
     per_task = jax.jit(
-        lambda p, key: analysis.per_task_lambda_max(loss_fn, p, support, num_iters=40, key=key)
+        lambda p, key: analysis.per_task_lambda_max(loss_fn, p, support, num_iters=60, key=key)
     )(params, jax.random.key(3))
-    assert float(per_task[0]) == pytest.approx(exact[0], rel=1e-6)
+    for i in range(3):
+        task = jax.tree.map(lambda x, i=i: x[i], support)
+        own = np.linalg.eigvalsh(dense_hessian(lambda p, task=task: loss_fn(p, task)))[-1]
+        assert float(per_task[i]) == pytest.approx(own, rel=1e-6), i
+
+
+def test_adapted_only_holds_the_frozen_leaves(mlp64):
+    loss_fn, params, episode = mlp64
+    task = jax.tree.map(lambda x: x[0], episode["support"])
+    assert analysis.adapted_only(loss_fn, params, 0.1) is loss_fn  # a scalar rate adapts all
+    rates = jax.tree.map(lambda _: 0.1, params)
+    rates["layers"][1]["kernel"] = 0.0  # the 40x40 middle kernel frozen
+    restricted = analysis.adapted_only(loss_fn, params, rates)
+    flat, unravel = ravel_pytree(params)
+    H, H_adapted = (
+        np.asarray(jax.hessian(lambda z, g=g: g(unravel(z), task))(flat))
+        for g in (loss_fn, restricted)
+    )
+    frozen = ravel_pytree(jax.tree.map(lambda r, x: jnp.full_like(x, r == 0), rates, params))[0]
+    frozen = np.asarray(frozen) > 0
+    assert frozen.sum() == 40 * 40
+    np.testing.assert_allclose(H_adapted[~frozen][:, ~frozen], H[~frozen][:, ~frozen], rtol=1e-10)
+    assert np.all(H_adapted[frozen] == 0) and np.all(H_adapted[:, frozen] == 0)
 
 
 def test_meta_gradients_against_finite_differences(mlp64):
