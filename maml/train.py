@@ -111,14 +111,15 @@ def build_task(config: ml_collections.ConfigDict, split: str):
     raise ValueError(f"unknown task {config.task!r}")
 
 
-def task_mesh(meta_batch_size: int) -> jax.sharding.Mesh:
+def task_mesh(meta_batch_size: int | None = None) -> jax.sharding.Mesh:
     """A one-axis mesh ("tasks") over every device of every process.
 
     The meta-batch is data-parallel: each device adapts its share of the
-    tasks and XLA reduces the meta-gradient across devices.
+    tasks and XLA reduces the meta-gradient across devices, so
+    ``meta_batch_size``, when given, must divide evenly.
     """
     devices = jax.devices()
-    if meta_batch_size % len(devices):
+    if meta_batch_size is not None and meta_batch_size % len(devices):
         raise ConfigError(
             f"config.meta_batch_size={meta_batch_size} is invalid: it must be a multiple of "
             f"the {len(devices)} devices it is sharded over."
@@ -137,7 +138,8 @@ def build_experiment(
         init_params=params,
         task=build_task(config, split) if task is None else task,
         optimizer=optax.adam(config.outer_lr),
-        mesh=task_mesh(config.meta_batch_size),
+        # Only training splits the meta-batch; evaluation splits what divides evenly.
+        mesh=task_mesh(config.meta_batch_size if split == "train" else None),
     )
 
 

@@ -22,6 +22,9 @@ config.update(num_steps=20, log_every=10, checkpoint_every=20, meta_batch_size=8
 state = train.train_and_evaluate(config, sys.argv[1])
 assert len(state.params["layers"][0]["kernel"].sharding.device_set) == jax.device_count()
 exp = train.build_experiment(config)
+# Evaluation needs no meta-batch that the devices divide (6 over 4).
+config.meta_batch_size = 6
+assert train.restore_params(config, sys.argv[1])[2] == 20
 # 8 tasks a batch split over the 4 devices, 6 not (replicated): the same tasks either way.
 curves = [
     train.adaptation_curve(exp, state.params, exp.task, jax.random.key(7), num_tasks=12,
