@@ -25,6 +25,14 @@ Batch = Any
 LossFn = Callable[[PyTree, Batch], jax.Array]
 
 
+def per_leaf_rates(inner_lr: float | jax.Array | PyTree, params: PyTree) -> PyTree:
+    """``inner_lr`` as a pytree shaped like ``params``: per-leaf rates as given, a
+    scalar repeated for every leaf."""
+    if jax.tree.structure(inner_lr) == jax.tree.structure(params):
+        return inner_lr
+    return jax.tree.map(lambda _: inner_lr, params)
+
+
 def sgd_step(loss_fn: LossFn, params: PyTree, batch: Batch, *, inner_lr, first_order=False):
     """One plain SGD step ``params - inner_lr * grad(loss_fn)(params, batch)``.
 
@@ -37,9 +45,9 @@ def sgd_step(loss_fn: LossFn, params: PyTree, batch: Batch, *, inner_lr, first_o
     grads = jax.grad(loss_fn)(params, batch)
     if first_order:
         grads = jax.lax.stop_gradient(grads)
-    if jax.tree.structure(inner_lr) == jax.tree.structure(params):
-        return jax.tree.map(lambda p, g, lr: p - lr * g, params, grads, inner_lr)
-    return jax.tree.map(lambda p, g: p - inner_lr * g, params, grads)
+    return jax.tree.map(
+        lambda p, g, lr: p - lr * g, params, grads, per_leaf_rates(inner_lr, params)
+    )
 
 
 def adapt(

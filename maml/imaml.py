@@ -29,7 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from maml import second_order
+from maml import core, second_order
 
 PyTree = Any
 Batch = Any
@@ -67,7 +67,7 @@ def adapt_proximal(
     if num_inner_steps < 0:
         raise ValueError(f"num_inner_steps must be >= 0, got {num_inner_steps}")
 
-    rates = _per_leaf(inner_lr, params)
+    rates = core.per_leaf_rates(inner_lr, params)
 
     def step(_, phi):
         grads = jax.grad(loss_fn)(phi, support)
@@ -147,13 +147,6 @@ def imaml_loss_and_grad(
         lambda gi, qi, hgi, r: jnp.where(r != 0, gi, qi - hgi / lam), g, query_grad, hg, inner_lr
     )
     return query_loss, meta_grad
-
-
-def _per_leaf(inner_lr, params) -> PyTree:
-    """``inner_lr`` as a pytree shaped like ``params`` (a scalar: the same for every leaf)."""
-    if jax.tree.structure(inner_lr) == jax.tree.structure(params):
-        return inner_lr
-    return jax.tree.map(lambda _: inner_lr, params)
 
 
 def batched_imaml_loss_and_grad(

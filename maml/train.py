@@ -34,7 +34,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm import tqdm
 
-from maml import core
+from maml import analysis, core
 from maml.configs import ConfigError
 from maml.models import FINN_KERNEL_INIT, LECUN_NORMAL, MLP, ConvNet, functional
 from maml.tasks.sinusoid import Sinusoid
@@ -216,12 +216,8 @@ def train_step(exp: Experiment, train_key: jax.Array, state: TrainState):
     loss, metrics, grads = meta_loss_and_grad(exp, state.params, episode)
     updates, opt_state = exp.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, **metrics, "grad_norm": _global_norm(grads)}
+    metrics = {"loss": loss, **metrics, "grad_norm": analysis.tree_norm(grads)}
     return state.replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
-
-
-def _global_norm(tree) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(tree)))
 
 
 def make_train_chunk(exp: Experiment, train_key: jax.Array):

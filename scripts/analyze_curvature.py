@@ -61,10 +61,8 @@ def analyze(exp, params, *, num_tasks, top_k, num_iters, num_probes, seed) -> di
     inner_lr = exp.inner_lr
     # The curvature inner SGD meets: that of the leaves it adapts.
     inner_loss_fn = analysis.adapted_only(exp.loss_fn, params, inner_lr)
-    adapted = params
-    if jax.tree.structure(inner_lr) == jax.tree.structure(params):
-        leaves = zip(jax.tree.leaves(params), jax.tree.leaves(inner_lr), strict=True)
-        adapted = [x for x, rate in leaves if rate]
+    rates = jax.tree.leaves(core.per_leaf_rates(inner_lr, params))
+    adapted = [x for x, rate in zip(jax.tree.leaves(params), rates, strict=True) if rate]
 
     def support_loss(p, support):
         return analysis.support_loss(inner_loss_fn, p, support)

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maml import train
+from maml import analysis, train
 from maml.configs import ConfigError, validate
 from maml.configs import omniglot as omniglot_config
 from maml.ops import CONV_IMPLS
@@ -142,11 +142,6 @@ def build(args):
     return train.build_experiment(config, task=task)
 
 
-def device_peak_bytes():
-    stats = jax.devices()[0].memory_stats() or {}
-    return stats.get("peak_bytes_in_use")
-
-
 def time_ours(args):
     """Compiles, warms up, and times ``rounds`` device calls of ``steps`` meta-steps."""
     exp = build(args)
@@ -156,7 +151,7 @@ def time_ours(args):
     t0 = time.perf_counter()
     compiled = chunk.lower(state, args.steps).compile()
     compile_s = time.perf_counter() - t0
-    memory = compiled.memory_analysis()
+    memory = analysis.compiled_memory(compiled) or {}
     for _ in range(args.warmup):
         state, metrics = chunk(state, args.steps)
     jax.block_until_ready(state)
@@ -178,7 +173,7 @@ def time_ours(args):
         "num_devices": jax.device_count(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "compile_s": compile_s,
-        "temp_mib": memory.temp_size_in_bytes / 2**20 if memory is not None else None,
+        "temp_mib": memory["temp"] / 2**20 if "temp" in memory else None,
     }
 
     def profiled(log_dir: str) -> dict:
@@ -306,7 +301,7 @@ def main(argv=None):
         steps=args.steps,
         s_per_step=s_per_step,
         tasks_per_s=args.task_num / s_per_step,
-        peak_mem_mib=(device_peak_bytes() or 0) / 2**20 or None,
+        peak_mem_mib=(analysis.device_peak_bytes() or 0) / 2**20 or None,
     )
     if peers:
         peer_tps = statistics.median(p["tasks_per_s"] for p in peers)

@@ -52,6 +52,7 @@ def test_benchmark_prints_one_json_line(tmp_path):
     assert out["task_num"] == 2 and out["inner_steps"] == 2 and out["platform"] == "cpu"
     assert out["num_devices"] == 2
     assert out["tasks_per_s"] > 0 and out["compile_s"] > 0
+    assert out["temp_mib"] > 0  # compiled scratch memory, reported on the CPU too
     assert abs(out["tasks_per_s"] - out["task_num"] / out["s_per_step"]) < 1e-6 * out["tasks_per_s"]
     profile = out["profile"]
     assert "error" not in profile, profile
