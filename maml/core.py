@@ -92,6 +92,38 @@ def adapt(
     return params
 
 
+def adaptation_trajectory(
+    loss_fn: LossFn,
+    measure: Callable[[PyTree], jax.Array],
+    params: PyTree,
+    support: Batch,
+    *,
+    inner_lr: float | jax.Array | PyTree,
+    num_inner_steps: int,
+) -> jax.Array:
+    """``measure`` of the parameters after 0, 1, ..., ``num_inner_steps`` SGD steps.
+
+    For evaluation: the steps run in a ``lax.scan`` (one compiled step however
+    many are taken), not unrolled as in ``adapt``.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``, the loss adapted with.
+      measure: ``measure(params) -> array`` of any fixed shape ``S``, e.g. a
+        query metric.
+      params, support, inner_lr: as for ``adapt``.
+      num_inner_steps: static number of steps.
+
+    Returns:
+      ``(num_inner_steps + 1, *S)``: row ``k`` is ``measure`` after ``k`` steps.
+    """
+
+    def step(p, _):
+        return sgd_step(loss_fn, p, support, inner_lr=inner_lr), measure(p)
+
+    adapted, before = jax.lax.scan(step, params, length=num_inner_steps)
+    return jnp.concatenate([before, measure(adapted)[None]])
+
+
 def meta_loss(
     loss_fn: LossFn,
     params: PyTree,

@@ -78,14 +78,12 @@ def run_errors(
     """
 
     def one_run(support, query):
-        def step(p, _):
-            errors = item_errors(apply_fn(p, query[0]), query[1])
-            p = core.adapt(loss_fn, p, support, inner_lr=inner_lr, num_inner_steps=1)
-            return p, errors
+        def errors(p):
+            return item_errors(apply_fn(p, query[0]), query[1])
 
-        adapted, errors = jax.lax.scan(step, params, length=num_inner_steps)
-        last = item_errors(apply_fn(adapted, query[0]), query[1])
-        return jnp.concatenate([errors, last[None]])
+        return core.adaptation_trajectory(
+            loss_fn, errors, params, support, inner_lr=inner_lr, num_inner_steps=num_inner_steps
+        )
 
     return jax.vmap(one_run, out_axes=1)(support, query)
 

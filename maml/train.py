@@ -266,13 +266,17 @@ def make_adaptation_curve(
         episode = jax.lax.with_sharding_constraint(task.sample(key, batch_size), tasks)
 
         def one_task(support, query):
-            def step(p, _):
-                metric = task.metrics(exp.apply_fn(p, query[0]), query[1])[task.metric]
-                return core.sgd_step(exp.loss_fn, p, support, inner_lr=rates), metric
+            def metric(p):
+                return task.metrics(exp.apply_fn(p, query[0]), query[1])[task.metric]
 
-            p, metrics = jax.lax.scan(step, params, length=num_inner_steps)
-            last = task.metrics(exp.apply_fn(p, query[0]), query[1])[task.metric]
-            return jnp.concatenate([metrics, last[None]])
+            return core.adaptation_trajectory(
+                exp.loss_fn,
+                metric,
+                params,
+                support,
+                inner_lr=rates,
+                num_inner_steps=num_inner_steps,
+            )
 
         return jax.vmap(one_task, out_axes=1)(episode["support"], episode["query"])
 
