@@ -87,14 +87,24 @@ def _is_norm_param(path) -> bool:
     return any("norm" in str(getattr(k, "key", "")).lower() for k in path)
 
 
-def build_model(config: ml_collections.ConfigDict, seed: int) -> tuple[Callable, PyTree]:
-    """Builds ``config.model`` and returns it as ``(apply_fn, params)``."""
+def build_model(
+    config: ml_collections.ConfigDict, seed: int, param_dtype=jnp.float32
+) -> tuple[Callable, PyTree]:
+    """Builds ``config.model`` and returns it as ``(apply_fn, params)``, computing in
+    ``param_dtype``."""
     rngs = nnx.Rngs(seed)
     if config.model == "mlp":
         init = FINN_KERNEL_INIT if config.get("init") == "finn" else LECUN_NORMAL
-        model = MLP((1, *config.hidden_sizes, 1), rngs=rngs, kernel_init=init)
+        model = MLP(
+            (1, *config.hidden_sizes, 1), rngs=rngs, kernel_init=init, param_dtype=param_dtype
+        )
     elif config.model == "convnet":
-        model = ConvNet(config.num_ways, rngs=rngs, conv_impl=config.get("conv_impl", "patches"))
+        model = ConvNet(
+            config.num_ways,
+            rngs=rngs,
+            conv_impl=config.get("conv_impl", "patches"),
+            param_dtype=param_dtype,
+        )
     else:
         raise ValueError(f"unknown model {config.model!r}")
     return functional(model)

@@ -30,12 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
-from flax import nnx
 from ml_collections import config_flags
 
 from maml import analysis, core, train
 from maml.configs import ConfigError, sinusoid, validate
-from maml.models import FINN_KERNEL_INIT, LECUN_NORMAL, MLP, ConvNet, functional
 
 import _common
 
@@ -54,22 +52,6 @@ _CHECKPOINT = _common.define_checkpoint_flag()
 # along a random direction in ~1e5 dimensions, so only a few percent is checkable.
 FD_TOLERANCE = {"float64": 1e-6, "float32": 5e-2}
 FD_EPS = {"float64": 1e-6, "float32": 1e-2}
-
-
-def build_model(config, dtype):
-    """``(apply_fn, params)`` of ``config.model`` with ``dtype`` parameters and compute."""
-    rngs = nnx.Rngs(config.seed)
-    if config.model == "mlp":
-        init = FINN_KERNEL_INIT if config.get("init") == "finn" else LECUN_NORMAL
-        model = MLP((1, *config.hidden_sizes, 1), rngs=rngs, kernel_init=init, param_dtype=dtype)
-    else:
-        model = ConvNet(
-            config.num_ways,
-            rngs=rngs,
-            conv_impl=config.get("conv_impl", "patches"),
-            param_dtype=dtype,
-        )
-    return functional(model)
 
 
 def load_params(exp, workdir, which="latest"):
@@ -102,7 +84,7 @@ def measure(exp, params, episode, *, inner_steps, repeats, fd_eps, key):
     """
     config = exp.config
     dtype = jax.tree.leaves(params)[0].dtype
-    apply_fn, _ = build_model(config, dtype)
+    apply_fn, _ = train.build_model(config, config.seed, dtype)
     exp = dataclasses.replace(exp, apply_fn=apply_fn, init_params=params)
     loss_fn = exp.loss_fn
     # Per leaf where BatchNorm is kept out of the inner loop (config.adapt_norm).
