@@ -3,6 +3,9 @@
 import re
 from pathlib import Path
 
+import jax
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
@@ -12,8 +15,16 @@ def test_api_example_runs():
     assert blocks
     namespace = {}
     exec(compile(blocks[0], "README.md", "exec"), namespace)
-    assert namespace["loss"].shape == ()
-    assert set(namespace["meta_grad"]) == set(namespace["params"])
+    ns = type("Namespace", (), namespace)
+    assert ns.loss.shape == ()
+    assert set(ns.meta_grad) == set(ns.params)
+    # The adapted params are the ones the meta-loss scores, and hv is H @ grads.
+    meta_loss = ns.maml.meta_loss(
+        ns.loss_fn, ns.params, ns.support, ns.query, inner_lr=0.01, num_inner_steps=5
+    )
+    np.testing.assert_allclose(ns.loss_fn(ns.adapted, ns.query), meta_loss, rtol=1e-6)
+    hv = jax.jvp(jax.grad(lambda p: ns.loss_fn(p, ns.support)), (ns.params,), (ns.grads,))[1]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), ns.hv, hv)
 
 
 def test_readme_opens_with_the_two_commands():
