@@ -11,9 +11,10 @@ Two groups of functions:
   random unit direction, and the compile-excluded time and compiled memory
   of a jitted function.
 * Curvature: top Hessian eigenvalues (Lanczos) and the spectral density
-  (stochastic Lanczos quadrature) of the pre-adaptation support loss and of
-  the meta-loss, and the per-task largest support-loss eigenvalue against
-  the SGD stability limit ``inner_lr < 2 / lambda_max``. Only Hessian-vector
+  (stochastic Lanczos quadrature) of the pre-adaptation support loss (of the
+  leaves the inner loop adapts, ``adapted_only``) and of the meta-loss, and
+  the per-task largest support-loss eigenvalue against the SGD stability
+  limit ``inner_lr < 2 / lambda_max``. Only Hessian-vector
   products are used, so these run on the 112k-parameter Omniglot conv net.
 
 The gradient and curvature functions are pure and jit-able; ``time_and_memory``
@@ -242,9 +243,21 @@ def adapted_only(loss_fn: LossFn, params: PyTree, inner_lr: float | PyTree) -> L
         return loss_fn
 
     def restricted(p: PyTree, batch: Batch) -> jax.Array:
-        return loss_fn(jax.tree.map(lambda r, q, p0: q if r else p0, inner_lr, p, params), batch)
+        def hold(rate, q, p0):
+            return jnp.where(jnp.asarray(rate) != 0, q, p0)
+
+        return loss_fn(jax.tree.map(hold, inner_lr, p, params), batch)
 
     return restricted
+
+
+def num_adapted(params: PyTree, inner_lr: float | PyTree) -> int:
+    """How many parameters the inner loop adapts: those of a non-zero rate."""
+    rates = jax.tree.leaves(core.per_leaf_rates(inner_lr, params))
+    return sum(
+        int(np.count_nonzero(np.broadcast_to(np.asarray(rate) != 0, np.shape(x))))
+        for x, rate in zip(jax.tree.leaves(params), rates, strict=True)
+    )
 
 
 def curvature(

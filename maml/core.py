@@ -116,6 +116,8 @@ def adaptation_trajectory(
     Returns:
       ``(num_inner_steps + 1, *S)``: row ``k`` is ``measure`` after ``k`` steps.
     """
+    if num_inner_steps < 0:
+        raise ValueError(f"num_inner_steps must be >= 0, got {num_inner_steps}")
 
     def step(p, _):
         return sgd_step(loss_fn, p, support, inner_lr=inner_lr), measure(p)

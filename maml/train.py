@@ -715,6 +715,7 @@ def _train_and_evaluate(
         if step > logged:  # interrupted between the chunk and its log line
             log(chunk_record(step, metrics))  # without the validation, if one was due
         manager.wait_until_finished()
+        # A save orbax has begun is listed already; closing the manager waits for it.
         if step not in manager.all_steps():  # not already saved just before the interrupt
             manager.save(step, args=ocp.args.StandardSave(state), force=True)
             manager.wait_until_finished()

@@ -61,8 +61,6 @@ def analyze(exp, params, *, num_tasks, top_k, num_iters, num_probes, seed) -> di
     inner_lr = exp.inner_lr
     # The curvature inner SGD meets: that of the leaves it adapts.
     inner_loss_fn = analysis.adapted_only(exp.loss_fn, params, inner_lr)
-    rates = jax.tree.leaves(core.per_leaf_rates(inner_lr, params))
-    adapted = [x for x, rate in zip(jax.tree.leaves(params), rates, strict=True) if rate]
 
     def support_loss(p, support):
         return analysis.support_loss(inner_loss_fn, p, support)
@@ -113,7 +111,7 @@ def analyze(exp, params, *, num_tasks, top_k, num_iters, num_probes, seed) -> di
     return {
         "num_params": int(sum(np.size(x) for x in jax.tree.leaves(params))),
         # Those the inner loop adapts; the support-loss spectra are of these.
-        "num_adapted_params": int(sum(np.size(x) for x in jax.tree.leaves(adapted))),
+        "num_adapted_params": analysis.num_adapted(params, inner_lr),
         "num_tasks": num_tasks,
         "num_inner_steps": config.num_inner_steps,
         "inner_lr": config.inner_lr,

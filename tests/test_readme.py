@@ -1,6 +1,7 @@
 """The README's example runs as written, and its two commands are the ones CI relies on."""
 
 import re
+import types
 from pathlib import Path
 
 import jax
@@ -15,7 +16,7 @@ def test_api_example_runs():
     assert blocks
     namespace = {}
     exec(compile(blocks[0], "README.md", "exec"), namespace)
-    ns = type("Namespace", (), namespace)
+    ns = types.SimpleNamespace(**namespace)
     assert ns.loss.shape == ()
     assert set(ns.meta_grad) == set(ns.params)
     # The adapted params are the ones the meta-loss scores, and hv is H @ grads.

@@ -251,3 +251,16 @@ def test_conjugate_gradient_differentiates_and_survives_a_zero_residual():
     zero = jnp.zeros(6)
     assert np.all(np.asarray(so.conjugate_gradient(lambda v: A @ v, zero, num_iters=5)) == 0)
     assert np.all(np.isfinite(jax.grad(objective)(zero)))
+
+
+def test_conjugate_gradient_spends_no_matvec_on_a_zero_initial_guess():
+    A, b, traced = spd_matrix(4, 3), jnp.ones(4), []
+
+    def matvec(v):
+        traced.append(None)  # once per trace of a call site: the loop body is traced once
+        return A @ v
+
+    so.conjugate_gradient(matvec, b, num_iters=3)
+    assert len(traced) == 1
+    so.conjugate_gradient(matvec, b, num_iters=3, x0=jnp.zeros(4))
+    assert len(traced) == 3  # A @ x0, then the loop

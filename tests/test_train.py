@@ -107,9 +107,10 @@ def test_each_algorithm_takes_its_own_meta_gradient(algorithm, first_order):
         assert same == (name == own), name  # its own gradient and no other's
 
 
-def test_first_order_is_refused_where_it_means_nothing():
+@pytest.mark.parametrize("algorithm", ["imaml", "pretrain"])
+def test_first_order_is_refused_where_it_means_nothing(algorithm):
     with pytest.raises(ConfigError, match="first_order=True is invalid with config.algorithm"):
-        validate(tiny(algorithm="imaml", first_order=True))
+        validate(tiny(algorithm=algorithm, first_order=True))
 
 
 @pytest.mark.parametrize("algorithm", ["fomaml", "pretrain"])
@@ -222,6 +223,23 @@ def test_ctrl_c_during_validation_still_logs_the_chunk(tmp_path, monkeypatch):
     assert [{k: v for k, v in r.items() if k not in dropped} for r in records("resumed")] == [
         {k: v for k, v in r.items() if k not in dropped} for r in records("full")
     ]
+
+
+def test_checkpoint_managers_close_however_training_ends(tmp_path, monkeypatch):
+    closed, close = [], train.ocp.CheckpointManager.close
+
+    def counting_close(self):
+        closed.append(self.directory.name)
+        close(self)
+
+    monkeypatch.setattr(train.ocp.CheckpointManager, "close", counting_close)
+    train.train_and_evaluate(tiny(num_steps=50, eval_every=50, num_val_tasks=4), tmp_path)
+    assert sorted(closed) == ["best_checkpoint", "checkpoints"]
+    with pytest.raises(ConfigError):  # a refused resume
+        train.train_and_evaluate(tiny(num_steps=100, outer_lr=0.5), tmp_path)
+    assert sorted(closed[2:]) == ["checkpoints"]
+    train.restore_params(tiny(), tmp_path)
+    assert closed[-1] == "checkpoints" and len(closed) == 4
 
 
 def test_resume_drops_log_lines_past_the_checkpoint(tmp_path):
