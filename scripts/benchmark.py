@@ -279,7 +279,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-    if args.compare_peer and args.first_order or args.algorithm != "maml" and args.compare_peer:
+    if args.compare_peer and (args.first_order or args.algorithm != "maml"):
         print("error: the peer runs second-order MAML only; drop --compare-peer", file=sys.stderr)
         sys.exit(2)
     result, timed, profiled = time_ours(args)
