@@ -169,8 +169,15 @@ def root_keys(seed: int) -> tuple[jax.Array, jax.Array]:
 # --- The meta-objective --------------------------------------------------------
 
 
-def task_loss_and_metrics(exp: Experiment, params, support, query, *, num_inner_steps):
-    """One task: adapt on ``support``, then the query loss and metrics."""
+def task_loss_and_metrics(
+    exp: Experiment, params: PyTree, support, query, *, num_inner_steps: int
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """One task: adapt on ``support``, then the query loss and metrics.
+
+    ``support`` and ``query`` are one task's ``(x, y)``, e.g. ``(N*K, 28, 28, 1)``
+    images and ``(N*K,)`` labels; returns a scalar loss and ``task.metrics``
+    (scalars).
+    """
     c = exp.config
     adapted = core.adapt(
         exp.loss_fn,
@@ -186,8 +193,16 @@ def task_loss_and_metrics(exp: Experiment, params, support, query, *, num_inner_
     return exp.task.loss(predictions, y), exp.task.metrics(predictions, y)
 
 
-def meta_loss_and_grad(exp: Experiment, params: PyTree, episode: dict):
-    """Mean meta-loss over the meta-batch, its metrics, and its gradient."""
+def meta_loss_and_grad(
+    exp: Experiment, params: PyTree, episode: dict
+) -> tuple[jax.Array, dict[str, jax.Array], PyTree]:
+    """Mean meta-loss over the meta-batch, its metrics, and its gradient.
+
+    ``episode`` is ``task.sample``'s: ``support`` and ``query`` lead with the
+    task axis on every leaf. Returns ``(scalar loss, metrics, grads)``: the
+    metrics are task means (none for iMAML), ``grads`` is shaped like ``params``
+    and follows ``config.algorithm``.
+    """
     c = exp.config
     if c.algorithm == "imaml":
         from maml import imaml
@@ -216,8 +231,15 @@ def meta_loss_and_grad(exp: Experiment, params: PyTree, episode: dict):
     return loss, metrics, grads
 
 
-def train_step(exp: Experiment, train_key: jax.Array, state: TrainState):
-    """One meta-step; ``(new_state, metrics)``, with the episode sampled on the device."""
+def train_step(
+    exp: Experiment, train_key: jax.Array, state: TrainState
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One meta-step; ``(new_state, metrics)``, with the episode sampled on the device.
+
+    The episode is drawn from ``fold_in(train_key, state.step)``, so a resumed
+    run sees the same tasks; ``metrics`` are scalars: ``loss``, the task's
+    metrics and ``grad_norm``.
+    """
     key = jax.random.fold_in(train_key, state.step)
     episode = exp.task.sample(key, exp.config.meta_batch_size)
     # Every leaf of an episode leads with the task axis: split it over devices.

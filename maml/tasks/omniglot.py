@@ -480,6 +480,7 @@ class Omniglot:
 
     @staticmethod
     def metrics(predictions: jax.Array, targets: jax.Array) -> dict:
+        """``{"accuracy": scalar}`` of ``(..., N)`` logits and ``(...)`` integer labels."""
         return {"accuracy": jnp.mean(jnp.argmax(predictions, axis=-1) == targets)}
 
 

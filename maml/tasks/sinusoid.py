@@ -64,4 +64,5 @@ class Sinusoid:
 
     @staticmethod
     def metrics(predictions: jax.Array, targets: jax.Array) -> dict:
+        """``{"mse": scalar}`` of ``(..., 1)`` predictions and targets."""
         return {"mse": jnp.mean((predictions - targets) ** 2)}
