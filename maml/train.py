@@ -175,8 +175,8 @@ def task_loss_and_metrics(
     """One task: adapt on ``support``, then the query loss and metrics.
 
     ``support`` and ``query`` are one task's ``(x, y)``, e.g. ``(N*K, 28, 28, 1)``
-    images and ``(N*K,)`` labels; returns a scalar loss and ``task.metrics``
-    (scalars).
+    images and ``(N*K,)`` labels (``N*Q`` for the query); returns a scalar loss
+    and ``task.metrics`` (scalars).
     """
     c = exp.config
     adapted = core.adapt(
