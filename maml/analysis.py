@@ -233,20 +233,19 @@ def support_loss(loss_fn: LossFn, params: PyTree, support: Batch) -> jax.Array:
 def adapted_only(loss_fn: LossFn, params: PyTree, inner_lr: float | PyTree) -> LossFn:
     """``loss_fn`` as the inner loop sees it: a function of the leaves it adapts only.
 
-    With per-leaf rates (``Experiment.inner_rates``), the leaves of rate 0 are
-    held at ``params``, so the Hessian of the result at ``params`` is
-    ``loss_fn``'s with the frozen leaves' rows and columns zeroed: the block
-    whose curvature decides whether inner SGD is stable. A scalar rate adapts
-    every leaf, and ``loss_fn`` comes back unchanged.
+    The leaves of rate 0 (a scalar 0 for all, or per-leaf rates as from
+    ``Experiment.inner_rates``) are held at ``params``, so the Hessian of the
+    result at ``params`` is ``loss_fn``'s with the frozen leaves' rows and
+    columns zeroed: the block whose curvature decides whether inner SGD is
+    stable. Where every rate is non-zero it equals ``loss_fn``.
     """
-    if jax.tree.structure(inner_lr) != jax.tree.structure(params):
-        return loss_fn
+    rates = core.per_leaf_rates(inner_lr, params)
 
     def restricted(p: PyTree, batch: Batch) -> jax.Array:
         def hold(rate, q, p0):
             return jnp.where(jnp.asarray(rate) != 0, q, p0)
 
-        return loss_fn(jax.tree.map(hold, inner_lr, p, params), batch)
+        return loss_fn(jax.tree.map(hold, rates, p, params), batch)
 
     return restricted
 

@@ -122,20 +122,13 @@ def imaml_loss_and_grad(
     def support_loss(p):
         return loss_fn(p, support)
 
-    if jax.tree.structure(inner_lr) != jax.tree.structure(params):  # every leaf adapted
-
-        def matvec(v):
-            hv = second_order.hvp(support_loss, phi, v)
-            return jax.tree.map(lambda vi, hvi: vi + hvi / lam, v, hv)
-
-        return query_loss, second_order.conjugate_gradient(
-            matvec, query_grad, num_iters=num_cg_steps
-        )
-
     # (I + H_aa / lam) g_a = grad_a; the frozen block is the identity with zero
-    # right-hand side, so CG leaves it at zero.
+    # right-hand side, so CG leaves it at zero. A rate of 0, scalar or per leaf,
+    # freezes; with every rate a non-zero constant the masks and ``hg`` fold away.
+    rates = core.per_leaf_rates(inner_lr, params)
+
     def adapted(tree):
-        return jax.tree.map(lambda x, r: jnp.where(r != 0, x, 0), tree, inner_lr)
+        return jax.tree.map(lambda x, r: jnp.where(r != 0, x, 0), tree, rates)
 
     def masked_matvec(v):
         hv = adapted(second_order.hvp(support_loss, phi, adapted(v)))
@@ -144,7 +137,7 @@ def imaml_loss_and_grad(
     g = second_order.conjugate_gradient(masked_matvec, adapted(query_grad), num_iters=num_cg_steps)
     hg = second_order.hvp(support_loss, phi, g)
     meta_grad = jax.tree.map(
-        lambda gi, qi, hgi, r: jnp.where(r != 0, gi, qi - hgi / lam), g, query_grad, hg, inner_lr
+        lambda gi, qi, hgi, r: jnp.where(r != 0, gi, qi - hgi / lam), g, query_grad, hg, rates
     )
     return query_loss, meta_grad
 

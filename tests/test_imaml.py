@@ -165,6 +165,22 @@ def test_matches_unrolled_gradient_on_mlp_when_converged(frozen):
                 assert np.linalg.norm(meta - plain) > 1e-3
 
 
+@pytest.mark.parametrize("per_leaf", [False, True])
+def test_rate_zero_adapts_nothing(per_leaf):
+    # A rate of 0 freezes, given as one scalar or per leaf: nothing is adapted,
+    # phi* = theta, and the meta-gradient is the query gradient at theta.
+    loss_fn, params, support, query = mlp_task(1)
+    inner_lr = jax.tree.map(lambda _: 0.0, params) if per_leaf else 0.0
+    kwargs = dict(inner_lr=inner_lr, num_inner_steps=3, lam=1.0, num_cg_steps=5)
+    loss, grad = jax.jit(lambda p: imaml.imaml_loss_and_grad(loss_fn, p, support, query, **kwargs))(
+        params
+    )
+    expected_loss, expected = jax.value_and_grad(loss_fn)(params, query)
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-12)
+    flat, flat_expected = (ravel_pytree(t)[0] for t in (grad, expected))
+    np.testing.assert_allclose(flat, flat_expected, rtol=1e-12, atol=1e-14)
+
+
 def test_batched_is_the_mean_over_tasks():
     n = 4
     tasks = [quadratic_task(n, seed) for seed in range(3)]
