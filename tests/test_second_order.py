@@ -52,6 +52,23 @@ def test_hvp_matches_dense_hessian_on_mlp(mode):
     np.testing.assert_allclose(flat(hv), dense_hessian(f, params) @ flat(v), atol=1e-12)
 
 
+@pytest.mark.parametrize("mode", so.HVP_MODES)
+def test_hvp_computes_the_mode_asked_for(mode, monkeypatch):
+    called = []
+    for name in so.HVP_MODES:
+        helper = getattr(so, f"hvp_{name}")
+
+        def spy(*args, name=name, helper=helper):
+            called.append(name)
+            return helper(*args)
+
+        monkeypatch.setattr(so, f"hvp_{name}", spy)
+    x = jnp.array([0.5, -1.0])
+    hv = so.hvp(lambda p: jnp.sum(p**3), x, jnp.ones(2), mode=mode)
+    assert called == [mode]
+    np.testing.assert_allclose(hv, 6 * x)
+
+
 def test_hvp_matches_dense_hessian_on_meta_loss():
     loss_fn, params, support, query = mlp_problem(sizes=(1, 5, 1))
 
@@ -232,9 +249,12 @@ def test_conjugate_gradient_on_pytrees_with_initial_guess():
     expected = np.linalg.solve(A, flat(b))
     x = so.conjugate_gradient(matvec, b, num_iters=20)
     np.testing.assert_allclose(flat(x), expected, rtol=1e-8)
-    # Started at the solution, it stays there.
-    x = so.conjugate_gradient(matvec, b, num_iters=5, x0=unravel(jnp.asarray(expected)))
+    # Started at the solution, it stays there: one iteration from zero does not
+    # get there (5 would, which would not test x0).
+    x = so.conjugate_gradient(matvec, b, num_iters=1, x0=unravel(jnp.asarray(expected)))
     np.testing.assert_allclose(flat(x), expected, rtol=1e-8)
+    x = so.conjugate_gradient(matvec, b, num_iters=1)
+    assert np.linalg.norm(flat(x) - expected) > 1e-2 * np.linalg.norm(expected)
 
 
 def test_conjugate_gradient_differentiates_and_survives_a_zero_residual():
