@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from maml import core
+from maml.tasks import omniglot
 
 PyTree = Any
 
@@ -33,9 +34,9 @@ def item_errors(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Per-item 0/1 errors: ``(..., N)`` logits and ``(...)`` integer labels to ``(...)`` float32.
 
     An item counts as wrong unless its label has the strictly largest logit
-    (``argmax`` picks the first of tied maxima).
+    (``omniglot.correct``: ties and NaN are wrong).
     """
-    return (jnp.argmax(logits, axis=-1) != labels).astype(jnp.float32)
+    return 1.0 - omniglot.correct(logits, labels).astype(jnp.float32)
 
 
 def stack_runs(runs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

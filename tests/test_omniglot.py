@@ -298,6 +298,9 @@ def test_loss_and_metrics():
     logits = jax.nn.one_hot(labels, 3) * 10.0
     assert omniglot.Omniglot.metrics(logits, labels)["accuracy"] == 1.0
     assert omniglot.Omniglot.metrics(logits, (labels + 1) % 3)["accuracy"] == 0.0
+    # Collapsed or diverged logits score 0, not the share of label 0.
+    for flat in (jnp.zeros((4, 3)), jnp.full((4, 3), jnp.nan)):
+        assert omniglot.Omniglot.metrics(flat, labels)["accuracy"] == 0.0
     logits = jax.random.normal(jax.random.key(0), (4, 3))
     expected = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
     np.testing.assert_allclose(omniglot.Omniglot.loss(logits, labels), expected, rtol=1e-5)

@@ -56,6 +56,11 @@ def test_item_errors_known_logits():
     np.testing.assert_array_equal(one_shot_runs.item_errors(perfect, (labels + 1) % 20), 1.0)
     half = perfect.at[1].set(jax.nn.one_hot(5, 20)).at[2].set(jax.nn.one_hot(0, 20))
     np.testing.assert_array_equal(one_shot_runs.item_errors(half, labels), [0, 1, 1, 0])
+    # A tie for the largest logit or a NaN is wrong, even for the first class.
+    for logits in (jnp.zeros((4, 20)), jnp.full((4, 20), jnp.nan)):
+        np.testing.assert_array_equal(one_shot_runs.item_errors(logits, labels), 1.0)
+    tied = perfect.at[0, 5].set(5.0)  # label 3 ties with class 5
+    np.testing.assert_array_equal(one_shot_runs.item_errors(tied, labels), [1, 0, 0, 0])
 
 
 def _label_in_pixel_runs(num_runs=3, num_ways=20):

@@ -481,7 +481,19 @@ class Omniglot:
     @staticmethod
     def metrics(predictions: jax.Array, targets: jax.Array) -> dict:
         """``{"accuracy": scalar}`` of ``(..., N)`` logits and ``(...)`` integer labels."""
-        return {"accuracy": jnp.mean(jnp.argmax(predictions, axis=-1) == targets)}
+        return {"accuracy": jnp.mean(correct(predictions, targets))}
+
+
+def correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Whether each item's label has the strictly largest of its ``(..., N)`` logits: ``(...)``.
+
+    A tie for the largest, or a NaN logit, counts as wrong (``argmax`` would
+    give the first tied or NaN class, right for one label in N).
+    """
+    own = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    is_label = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.bool_)
+    others = jnp.max(jnp.where(is_label, -jnp.inf, logits), axis=-1)
+    return own > others
 
 
 # --------------------------------------------------------------------------------------
