@@ -517,7 +517,13 @@ def config_changes(
     path = workdir / "config.json"
     if not path.exists():
         return []
-    saved = json.loads(path.read_text())
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(
+            f"{path}, the run's settings, is not valid JSON ({e}): repair it, or start a "
+            "new --workdir."
+        ) from e
     current = json.loads(config.to_json_best_effort())
     return [
         f"{k} {saved[k]!r} -> {v!r}"

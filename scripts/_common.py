@@ -6,6 +6,7 @@ import signal
 import sys
 from pathlib import Path
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -53,6 +54,8 @@ def _parse_flags(argv):
         fail(_one_line(e))
     except (AttributeError, KeyError) as e:
         fail(f"unknown config field {e}: the config file lists the fields there are.")
+    except Exception as e:  # the config file's own code failed (SyntaxError, ...)
+        fail(f"cannot load the --config file: {type(e).__name__}: {_one_line(e)}")
 
 
 def _one_line(error: Exception) -> str:
@@ -93,10 +96,14 @@ def checked_config():
     config = flags.FLAGS.config
     if config is None:
         fail("--config is required, e.g. --config=maml/configs/sinusoid.py")
+    if not isinstance(config, ml_collections.ConfigDict):
+        fail(f"--config: get_config() returned {type(config).__name__}, not a ConfigDict")
     if not flags.FLAGS.workdir:
         fail("--workdir is required")
-    if Path(flags.FLAGS.workdir).exists() and not Path(flags.FLAGS.workdir).is_dir():
-        fail(f"--workdir={flags.FLAGS.workdir} is a file, not a directory")
+    workdir = Path(flags.FLAGS.workdir)
+    check_directory(workdir, "--workdir")
+    for name in ("checkpoints", "best_checkpoint", "plots"):
+        check_directory(workdir / name, f"--workdir's {name}")
     try:
         validate(config)
     except ConfigError as e:
@@ -108,6 +115,17 @@ def checked_config():
 
         jax.config.update("jax_num_cpu_devices", flags.FLAGS.cpu_devices)
     return config
+
+
+def check_directory(path: Path, what: str) -> None:
+    """Fails unless ``path`` is a directory or can be made one: not a file, nor under one."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if p == path and not p.is_dir():
+                fail(f"{what}={path} is a file, not a directory")
+            if not p.is_dir():
+                fail(f"{what}={path} cannot be made: {p} is a file")
+            return
 
 
 @contextlib.contextmanager

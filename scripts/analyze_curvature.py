@@ -215,8 +215,13 @@ def main(argv):
     if _TOP_K.value > _LANCZOS_ITERS.value:
         _common.fail(f"--top_k={_TOP_K.value} must not exceed --lanczos_iters")
     workdir = flags.FLAGS.workdir
+    output_dir = Path(_OUTPUT_DIR.value or workdir)
+    _common.check_directory(output_dir, "--output_dir")
     with _common.user_errors():
         exp, params, step = train.restore_params(config, workdir, CHECKPOINT.value)
+        num_params = sum(x.size for x in jax.tree.leaves(params))
+        if _TOP_K.value > num_params:
+            _common.fail(f"--top_k={_TOP_K.value} must not exceed the {num_params} parameters")
         report = analyze(
             exp,
             params,
@@ -234,7 +239,6 @@ def main(argv):
         **report,
         "wall_s": time.perf_counter() - t0,
     }
-    output_dir = Path(_OUTPUT_DIR.value or workdir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "curvature.json").write_text(json.dumps(report, indent=2) + "\n")
     plot(report, output_dir / "curvature.png")

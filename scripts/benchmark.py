@@ -27,6 +27,7 @@ import argparse
 import gzip
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -87,8 +88,13 @@ def parse_args(argv=None):
         p.error(
             f"--task-num={args.task_num} must be a multiple of --cpu-devices={args.cpu_devices}"
         )
-    if args.inner_steps < 0 or args.warmup < 0:
-        p.error("--inner-steps and --warmup must be >= 0")
+    if args.inner_steps < 0 or args.warmup < 0 or args.peer_steps < 0:
+        p.error("--inner-steps, --warmup and --peer-steps must be >= 0")
+    if args.compare_peer:
+        if not shutil.which(args.compare_peer):
+            p.error(f"--compare-peer={args.compare_peer} is not an executable Python")
+        if not Path(args.peer_script).is_file():
+            p.error(f"--peer-script={args.peer_script} does not exist")
     try:  # what the shapes ask of Omniglot: drawings per class, classes
         validate(make_config(args))
     except ConfigError as e:
@@ -97,6 +103,8 @@ def parse_args(argv=None):
             .replace("config.num_shots", "--k-spt")
             .replace("config.num_query", "--k-qry")
             .replace("config.num_ways", "--n-way")
+            .replace("config.inner_lr", "--inner-lr")
+            .replace("config.seed", "--seed")
         )
     return args
 

@@ -65,7 +65,7 @@ def main(argv):
             )
         try:
             runs = omniglot.load_one_shot_runs(runs_path)
-        except (zipfile.BadZipFile, KeyError) as e:
+        except (zipfile.BadZipFile, KeyError, OSError, ValueError) as e:
             _common.fail(f"cannot read the one-shot runs in {runs_path} ({e}).")
         result = one_shot_runs.evaluate_runs(
             exp,

@@ -226,7 +226,10 @@ def main(argv):
     if flags.FLAGS.cpu_devices is not None:
         _common.fail("--cpu_devices: meta_gradient.py computes on one device; drop the flag")
     workdir = flags.FLAGS.workdir
+    if workdir and not Path(workdir).is_dir():
+        _common.fail(f"--workdir={workdir} is not a directory: give a training run's --workdir")
     output_dir = Path(_OUTPUT_DIR.value or workdir or "runs/meta_gradient")
+    _common.check_directory(output_dir, "--output_dir")
     x64 = _X64.value if _X64.value is not None else config.model == "mlp"
     precision = "float64" if x64 else "float32"
     with _common.user_errors():

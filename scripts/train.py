@@ -42,11 +42,14 @@ def main(argv):
     if flags.FLAGS.multihost:
         import jax
 
-        jax.distributed.initialize(
-            coordinator_address=flags.FLAGS.coordinator_address,
-            num_processes=flags.FLAGS.num_processes,
-            process_id=flags.FLAGS.process_id,
-        )
+        try:
+            jax.distributed.initialize(
+                coordinator_address=flags.FLAGS.coordinator_address,
+                num_processes=flags.FLAGS.num_processes,
+                process_id=flags.FLAGS.process_id,
+            )
+        except (ValueError, RuntimeError) as e:
+            _common.fail(f"--multihost: jax.distributed.initialize() failed: {e}")
     with _common.user_errors():
         train.train_and_evaluate(
             config, flags.FLAGS.workdir, allow_config_change=flags.FLAGS.allow_config_change

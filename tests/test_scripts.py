@@ -37,6 +37,10 @@ CONFIG = str(ROOT / "maml" / "configs" / "sinusoid.py")
         ("num_val_tasks", 0, "positive integer"),
         ("task", "mnist", "one of sinusoid, omniglot"),
         ("model", "resnet", "one of mlp, convnet"),
+        ("model", "convnet", "invalid with config.task='sinusoid': it must be 'mlp'"),
+        ("seed", 2**64, "an integer from 0 to 2**63 - 1"),
+        ("inner_lr", float("inf"), "finite positive number"),
+        ("hidden_sizes", (40, 0), "tuple of positive integers"),
     ],
 )
 def test_validate_names_field_value_and_what_is_allowed(field, value, allowed):
@@ -106,6 +110,8 @@ def run(*args, cwd=ROOT, env=None):
         ("--config.no_such_field=1", "unknown config field"),
         ("--cpu_devices=2", "multiple of the 2 devices"),
         ("--cpu_devices=0", "--cpu_devices"),
+        ("--config.seed=18446744073709551616", "config.seed=18446744073709551616 is invalid"),
+        ("--config.hidden_sizes=(0,)", "config.hidden_sizes=(0,) is invalid"),
     ],
 )
 def test_train_script_rejects_bad_values_before_compute(tmp_path, override, expected):
@@ -149,6 +155,47 @@ def test_train_script_rejects_a_file_as_workdir(tmp_path):
     result = run(f"--config={CONFIG}:tiny", f"--workdir={path}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == f"error: --workdir={path} is a file, not a directory"
+
+
+@pytest.mark.parametrize("where", ["under", "checkpoints"])
+def test_train_script_checks_its_directories_before_compute(tmp_path, where):
+    path = tmp_path / "notes.txt"
+    path.write_text("")
+    if where == "under":
+        workdir, expected = path / "run", f"--workdir={path / 'run'} cannot be made: {path} is"
+    else:  # a file where the checkpoints go would fail the first save
+        workdir = tmp_path / "run"
+        workdir.mkdir()
+        path.rename(workdir / "checkpoints")
+        expected = "--workdir's checkpoints="
+    result = run(f"--config={CONFIG}:tiny", f"--workdir={workdir}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert expected in result.stderr
+
+
+def test_corrupt_config_json_fails_in_one_line(tmp_path):
+    args = [f"--config={CONFIG}:tiny", f"--workdir={tmp_path}", "--config.checkpoint_every=50"]
+    assert run(*args, "--config.num_steps=50").returncode == 0
+    (tmp_path / "config.json").write_text('{"task": "sinus')
+    result = run(*args, "--config.num_steps=100")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "config.json, the run's settings, is not valid JSON" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "source, expected",
+    [
+        ("def get_config(:\n", "cannot load the --config file: SyntaxError"),
+        ("def get_config():\n    return 5\n", "get_config() returned int, not a ConfigDict"),
+    ],
+)
+def test_broken_config_file_fails_in_one_line(tmp_path, source, expected):
+    (tmp_path / "broken.py").write_text(source)
+    result = run(f"--config={tmp_path / 'broken.py'}", f"--workdir={tmp_path / 'w'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert expected in result.stderr
 
 
 def test_train_script_stops_a_diverged_run_with_one_line(tmp_path):

@@ -1,8 +1,12 @@
 """Experiment configs (``get_config(variant)`` per task family) and their validation."""
 
+import math
+
 import ml_collections
 
 ALGORITHMS = ("maml", "fomaml", "imaml", "pretrain")
+# The model each task family runs.
+MODELS = {"sinusoid": "mlp", "omniglot": "convnet"}
 
 
 class ConfigError(ValueError):
@@ -25,6 +29,10 @@ def _is_number(v):
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
+def _is_seed(v):  # JAX's and NNX's keys take 64-bit signed seeds
+    return _is_int(v) and 0 <= v < 2**63
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ``ConfigError`` naming the first field whose value is not allowed."""
     for name in (
@@ -44,23 +52,29 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "imaml_cg_steps",
     ):
         _check(config, name, lambda v: _is_int(v) and v > 0, "a positive integer")
-    for name in (
-        "num_inner_steps",
-        "eval_inner_steps",
-        "eval_every",
-        "seed",
-        "split_seed",
-        "eval_report_step",
-    ):
+    for name in ("num_inner_steps", "eval_inner_steps", "eval_every", "eval_report_step"):
         _check(config, name, lambda v: _is_int(v) and v >= 0, "a non-negative integer")
+    for name in ("seed", "split_seed"):
+        _check(config, name, _is_seed, "an integer from 0 to 2**63 - 1")
     _check(
         config,
         "eval_seed",
-        lambda v: v is None or (_is_int(v) and v >= 0),
-        "a non-negative integer (unset: config.seed)",
+        lambda v: v is None or _is_seed(v),
+        "an integer from 0 to 2**63 - 1 (unset: config.seed)",
     )
     for name in ("inner_lr", "outer_lr", "eval_inner_lr", "imaml_lambda"):
-        _check(config, name, lambda v: _is_number(v) and v > 0, "a positive number")
+        _check(
+            config,
+            name,
+            lambda v: _is_number(v) and math.isfinite(v) and v > 0,
+            "a finite positive number",
+        )
+    _check(
+        config,
+        "hidden_sizes",
+        lambda v: isinstance(v, tuple | list) and all(_is_int(n) and n > 0 for n in v),
+        "a tuple of positive integers (the hidden layers' widths)",
+    )
     from maml.ops import CONV_IMPLS
 
     for name, allowed in (
@@ -71,6 +85,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     ):
         ok = lambda v, allowed=allowed: v in allowed  # noqa: E731
         _check(config, name, ok, f"one of {', '.join(allowed)}")
+    model = MODELS.get(config.get("task"))
+    if model and config.get("model", model) != model:
+        raise ConfigError(
+            f"config.model={config.model!r} is invalid with config.task={config.task!r}: "
+            f"it must be {model!r}."
+        )
     _check(config, "init", lambda v: v in ("lecun", "finn"), "one of lecun, finn")
     _check(config, "first_order", lambda v: isinstance(v, bool), "True or False")
     if config.get("first_order") and config.get("algorithm") in ("imaml", "pretrain"):

@@ -148,6 +148,7 @@ def _read_raw(data_dir: str | None, download: bool, image_size: int) -> dict[str
             f"No Omniglot cache and tensorflow-datasets is not installed ({e}); install it, "
             f"or copy a cache file made elsewhere, then {_how_to_provide()}."
         ) from None
+    from google.protobuf import json_format  # reads TFDS's dataset_info.json
 
     data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or tfds.core.constants.DATA_DIR
     data_dir = os.path.expanduser(os.fspath(data_dir))
@@ -183,7 +184,7 @@ def _read_raw(data_dir: str | None, download: bool, image_size: int) -> dict[str
                 images.append(preprocess_images(raw, image_size=image_size))
                 labels.extend(int(e["label"]) for e in batch)
                 alphabets.extend(int(e["alphabet"]) for e in batch)
-    except (OSError, RuntimeError, KeyError) as e:
+    except (OSError, RuntimeError, KeyError, ValueError, json_format.Error) as e:
         if download:
             raise
         first_line = (str(e).splitlines() or [""])[0]
@@ -236,6 +237,13 @@ def load_images(
       DatasetNotFoundError: no cache and the dataset is missing or incomplete.
     """
     path = cache_path(cache_dir, image_size=image_size)
+    for parent in path.parents:  # fail before the slow read, not at the write after it
+        if parent.exists():
+            if not parent.is_dir():
+                raise DatasetNotFoundError(
+                    f"the Omniglot cache cannot be written to {path.parent}: {parent} is a file"
+                )
+            break
     cached = _load_cache(path, image_size)
     if cached is not None:
         return cached
