@@ -521,8 +521,8 @@ def config_changes(
         saved = json.loads(path.read_text())
     except ValueError as e:
         raise CheckpointError(
-            f"{path}, the run's settings, is not valid JSON ({e}): repair it, or start a "
-            "new --workdir."
+            f"{path}, the run's settings, is not valid JSON ({e}): repair it (it must hold "
+            "the settings the run was started with)."
         ) from e
     current = json.loads(config.to_json_best_effort())
     return [

@@ -51,14 +51,14 @@ def _parse_flags(argv):
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        fail(_one_line(e))
+        fail(one_line(e))
     except (AttributeError, KeyError) as e:
         fail(f"unknown config field {e}: the config file lists the fields there are.")
     except Exception as e:  # the config file's own code failed (SyntaxError, ...)
-        fail(f"cannot load the --config file: {type(e).__name__}: {_one_line(e)}")
+        fail(f"cannot load the --config file: {type(e).__name__}: {one_line(e)}")
 
 
-def _one_line(error: Exception) -> str:
+def one_line(error: Exception) -> str:
     # ml_collections' messages for a bad config file carry the file's own error last.
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     return lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
@@ -96,8 +96,7 @@ def checked_config():
     config = flags.FLAGS.config
     if config is None:
         fail("--config is required, e.g. --config=maml/configs/sinusoid.py")
-    if not isinstance(config, ml_collections.ConfigDict):
-        fail(f"--config: get_config() returned {type(config).__name__}, not a ConfigDict")
+    checked_type(config)
     if not flags.FLAGS.workdir:
         fail("--workdir is required")
     workdir = Path(flags.FLAGS.workdir)
@@ -109,12 +108,18 @@ def checked_config():
     except ConfigError as e:
         fail(str(e))
     except OSError as e:  # the config file itself could not be loaded
-        fail(_one_line(e))
+        fail(one_line(e))
     if flags.FLAGS.cpu_devices is not None:
         import jax
 
         jax.config.update("jax_num_cpu_devices", flags.FLAGS.cpu_devices)
     return config
+
+
+def checked_type(config) -> None:
+    """Fails unless the ``--config`` file's ``get_config()`` gave a ``ConfigDict``."""
+    if not isinstance(config, ml_collections.ConfigDict):
+        fail(f"--config: get_config() returned {type(config).__name__}, not a ConfigDict")
 
 
 def check_directory(path: Path, what: str) -> None:

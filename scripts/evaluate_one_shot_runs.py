@@ -66,7 +66,7 @@ def main(argv):
         try:
             runs = omniglot.load_one_shot_runs(runs_path)
         except (zipfile.BadZipFile, KeyError, OSError, ValueError) as e:
-            _common.fail(f"cannot read the one-shot runs in {runs_path} ({e}).")
+            _common.fail(f"cannot read the one-shot runs in {runs_path} ({_common.one_line(e)}).")
         result = one_shot_runs.evaluate_runs(
             exp,
             params,

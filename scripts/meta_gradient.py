@@ -16,8 +16,9 @@ memory (XLA's memory analysis; the device's peak where it reports one) of each.
 The sinusoid MLP runs in float64 (relative finite-difference error below
 1e-6 expected); the conv net in float32 by default, where rounding limits the
 check to a few percent (``--x64`` forces either). Params come from the
-latest checkpoint in ``--workdir`` if there is one, else from the config's
-initialisation; ``--checkpoint=best`` takes the best-validation checkpoint.
+latest checkpoint in ``--workdir`` if it has one (a ``--workdir`` that does
+not exist is an error), else from the config's initialisation, as without
+``--workdir``; ``--checkpoint=best`` takes the best-validation checkpoint.
 Writes ``meta_gradient.json`` and ``meta_gradient.png`` to ``--output_dir``
 (default ``--workdir``, else ``runs/meta_gradient``) and prints a table.
 """
@@ -206,6 +207,7 @@ def main(argv):
         config_name = config_flags.get_config_filename(flags.FLAGS["config"])
     else:
         config, config_name = sinusoid.get_config(), "maml/configs/sinusoid.py"
+    _common.checked_type(config)
     try:
         validate(config)
     except ConfigError as e:

@@ -49,7 +49,7 @@ def main(argv):
                 process_id=flags.FLAGS.process_id,
             )
         except (ValueError, RuntimeError) as e:
-            _common.fail(f"--multihost: jax.distributed.initialize() failed: {e}")
+            _common.fail(f"--multihost: jax.distributed.initialize() failed: {_common.one_line(e)}")
     with _common.user_errors():
         train.train_and_evaluate(
             config, flags.FLAGS.workdir, allow_config_change=flags.FLAGS.allow_config_change

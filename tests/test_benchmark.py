@@ -98,6 +98,8 @@ def test_trace_summary_counts_device_ops_and_their_union(tmp_path):
         (["--k-spt", "10"], "--k-spt + --k-qry = 25 is invalid"),
         (["--n-way", "500"], "--n-way=500 is invalid: it must be at most 423"),
         (["--conv-impl", "fft"], "invalid choice: 'fft'"),
+        (["--inner-lr", "0"], "--inner-lr=0.0 is invalid"),
+        (["--compare-peer", "/no/such/python"], "--compare-peer=/no/such/python is not"),
     ],
 )
 def test_benchmark_rejects_bad_sizes(args, message):

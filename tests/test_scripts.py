@@ -175,10 +175,10 @@ def test_train_script_checks_its_directories_before_compute(tmp_path, where):
 
 
 def test_corrupt_config_json_fails_in_one_line(tmp_path):
-    args = [f"--config={CONFIG}:tiny", f"--workdir={tmp_path}", "--config.checkpoint_every=50"]
-    assert run(*args, "--config.num_steps=50").returncode == 0
+    args = [f"--config={CONFIG}:tiny", f"--workdir={tmp_path}", "--config.log_every=10"]
+    assert run(*args, "--config.num_steps=10", "--config.checkpoint_every=10").returncode == 0
     (tmp_path / "config.json").write_text('{"task": "sinus')
-    result = run(*args, "--config.num_steps=100")
+    result = run(*args, "--config.num_steps=20")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "config.json, the run's settings, is not valid JSON" in result.stderr
 

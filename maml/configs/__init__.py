@@ -66,7 +66,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _check(
             config,
             name,
-            lambda v: _is_number(v) and math.isfinite(v) and v > 0,
+            lambda v: _is_number(v) and abs(v) < math.inf and v > 0,
             "a finite positive number",
         )
     _check(
