@@ -471,9 +471,11 @@ def _read_metrics(path: Path) -> list[dict]:
     records = []
     for line in path.read_text().splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:  # a line cut short by a hard kill or a full disk
             continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)  # not a line someone wrote in by hand
     return records
 
 

@@ -273,6 +273,7 @@ def test_resume_refuses_other_training_settings_unless_allowed(tmp_path, capsys)
 def test_resume_survives_a_log_line_cut_short(tmp_path):
     train.train_and_evaluate(tiny(num_steps=100), tmp_path)
     with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"note": "a line added by hand"}\n[1, 2]\n')
         f.write('{"step": 150, "lo')  # a hard kill mid-write
     train.train_and_evaluate(tiny(), tmp_path)
     steps = [r["step"] for r in train._read_metrics(tmp_path / "metrics.jsonl")]
