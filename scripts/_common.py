@@ -118,8 +118,15 @@ def checked_config():
 
 def checked_type(config) -> None:
     """Fails unless the ``--config`` file's ``get_config()`` gave a ``ConfigDict``."""
-    if not isinstance(config, ml_collections.ConfigDict):
-        fail(f"--config: get_config() returned {type(config).__name__}, not a ConfigDict")
+    if isinstance(config, ml_collections.ConfigDict):
+        return
+    try:  # ml_collections' stand-in for a file it could not load raises its error
+        config["task"]
+    except OSError as e:
+        fail(one_line(e))
+    except Exception:
+        pass
+    fail(f"--config: get_config() returned {type(config).__name__}, not a ConfigDict")
 
 
 def check_directory(path: Path, what: str) -> None:

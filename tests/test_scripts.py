@@ -219,11 +219,15 @@ def test_train_script_keeps_xla_flags_device_count_without_cpu_devices(tmp_path)
 
 
 def test_unknown_variant_and_missing_config_file(tmp_path):
-    for config in (f"{CONFIG}:no_such_variant", str(tmp_path / "missing.py")):
+    for config, expected in (
+        (f"{CONFIG}:no_such_variant", "unknown sinusoid config variant 'no_such_variant'"),
+        (str(tmp_path / "missing.py"), "No such file or directory"),
+    ):
         result = run(f"--config={config}", f"--workdir={tmp_path}")
         assert result.returncode == 2, result.stderr
         assert "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+        assert expected in result.stderr
 
 
 @pytest.mark.parametrize(
