@@ -185,7 +185,7 @@ def task_loss_and_metrics(
         support,
         inner_lr=exp.inner_lr,
         num_inner_steps=num_inner_steps,
-        first_order=c.first_order or c.algorithm == "fomaml",
+        first_order=c.algorithm == "fomaml",
         remat=c.get("remat", False),
     )
     x, y = query

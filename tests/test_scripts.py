@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ml_collections
 import pytest
 
 from maml.configs import ConfigError, sinusoid, validate
@@ -51,6 +52,13 @@ def test_validate_names_field_value_and_what_is_allowed(field, value, allowed):
     message = str(e.value)
     assert f"config.{field}={value!r}" in message and allowed in message
     assert "\n" not in message
+
+
+def test_validate_refuses_a_rate_no_float_holds():
+    # A config file may start a rate as an int (a float field would not take it).
+    config = ml_collections.ConfigDict({"outer_lr": 10**400})
+    with pytest.raises(ConfigError, match="finite positive number"):
+        validate(config)
 
 
 @pytest.mark.parametrize(

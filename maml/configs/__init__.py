@@ -29,6 +29,13 @@ def _is_number(v):
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
+def _is_rate(v):
+    try:  # an int too large for a float overflows in math.isfinite
+        return _is_number(v) and v > 0 and math.isfinite(v)
+    except OverflowError:
+        return False
+
+
 def _is_seed(v):  # JAX's and NNX's keys take 64-bit signed seeds
     return _is_int(v) and 0 <= v < 2**63
 
@@ -63,12 +70,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "an integer from 0 to 2**63 - 1 (unset: config.seed)",
     )
     for name in ("inner_lr", "outer_lr", "eval_inner_lr", "imaml_lambda"):
-        _check(
-            config,
-            name,
-            lambda v: _is_number(v) and abs(v) < math.inf and v > 0,
-            "a finite positive number",
-        )
+        _check(config, name, _is_rate, "a finite positive number")
     _check(
         config,
         "hidden_sizes",
@@ -92,12 +94,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"it must be {model!r}."
         )
     _check(config, "init", lambda v: v in ("lecun", "finn"), "one of lecun, finn")
-    _check(config, "first_order", lambda v: isinstance(v, bool), "True or False")
-    if config.get("first_order") and config.get("algorithm") in ("imaml", "pretrain"):
-        raise ConfigError(
-            f"config.first_order=True is invalid with config.algorithm={config.algorithm!r}, "
-            "which has no inner gradients to hold constant: it must be False."
-        )
     _check(
         config,
         "eval_shots",

@@ -38,7 +38,6 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.meta_batch_size = 32
     c.inner_lr = 0.4
     c.num_inner_steps = 1
-    c.first_order = False
     # BatchNorm scale and offset adapt in the inner loop; False reproduces Finn's code,
     # which kept them out of it.
     c.adapt_norm = True

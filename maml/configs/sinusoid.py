@@ -22,7 +22,6 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.num_query = 10
     c.inner_lr = 0.01
     c.num_inner_steps = 1
-    c.first_order = False
     c.remat = False
     c.outer_lr = 1e-3
     c.imaml_lambda = 1.0
