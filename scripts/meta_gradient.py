@@ -250,7 +250,7 @@ def main(argv):
             inner_steps=inner_steps,
             repeats=_REPEATS.value,
             fd_eps=FD_EPS[precision] if _FD_EPS.value is None else _FD_EPS.value,
-            key=jax.random.key(config.seed + 1),
+            key=jax.random.key((config.seed + 1) % 2**63),  # seeds end at 2**63 - 1
         )
     report = {
         "config_name": config_name,

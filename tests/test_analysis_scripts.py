@@ -157,6 +157,14 @@ def test_meta_gradient_rejects_bad_flags(tmp_path, flag, expected):
     assert stderr.startswith(f"error: {expected}")
 
 
+def test_meta_gradient_takes_the_largest_seed(tmp_path):
+    # Its probe key is seed + 1, which must stay a 64-bit signed seed.
+    args = "--inner_steps=1", "--num_tasks=1", "--repeats=1", f"--config.seed={2**63 - 1}"
+    code, _, stderr = finish(start("meta_gradient.py", f"--output_dir={tmp_path}", *args))
+    assert code == 0, stderr
+    assert (tmp_path / "meta_gradient.json").exists()
+
+
 # --- maml.analysis -----------------------------------------------------------------
 
 
