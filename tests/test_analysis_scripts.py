@@ -37,12 +37,18 @@ def finish(process):
 
 
 @pytest.fixture(scope="module")
-def outputs(tmp_path_factory):
-    """Both scripts on a 50-step tiny sinusoid checkpoint, run side by side."""
+def workdir(tmp_path_factory):
+    """A 50-step tiny sinusoid run (1761 parameters)."""
     workdir = tmp_path_factory.mktemp("ckpt")
     config = sinusoid.get_config("tiny")
     config.num_steps = config.checkpoint_every = config.log_every = 50
     train.train_and_evaluate(config, workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def outputs(workdir, tmp_path_factory):
+    """Both scripts on the 50-step checkpoint, run side by side."""
     out = tmp_path_factory.mktemp("out")
     processes = {
         "meta_gradient": start(
@@ -155,6 +161,13 @@ def test_meta_gradient_rejects_bad_flags(tmp_path, flag, expected):
     code, _, stderr = finish(start("meta_gradient.py", f"--output_dir={tmp_path}", flag))
     assert code == 2 and len(stderr.strip().splitlines()) == 1
     assert stderr.startswith(f"error: {expected}")
+
+
+def test_analyze_curvature_refuses_top_k_past_the_parameters(workdir, tmp_path):
+    flags = "--top_k=1800", "--lanczos_iters=1800", f"--output_dir={tmp_path}"
+    code, _, stderr = finish(start("analyze_curvature.py", f"--workdir={workdir}", *flags))
+    assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert stderr.startswith("error: --top_k=1800 must not exceed the 1761 parameters")
 
 
 def test_meta_gradient_takes_the_largest_seed(tmp_path):

@@ -101,6 +101,20 @@ def test_incomplete_dataset_raises_clear_error(tmp_path):
         (version_dir / f"omniglot-{split}.array_record-00000-of-00001").touch()
     with pytest.raises(omniglot.DatasetNotFoundError, match="TFDS_DATA_DIR"):
         omniglot.load_images(data_dir=tmp_path / "tfds", cache_dir=tmp_path / "cache")
+    # A corrupt dataset_info.json: still one line naming the directory.
+    (version_dir / "dataset_info.json").write_text("{not json")
+    with pytest.raises(omniglot.DatasetNotFoundError) as info:
+        omniglot.load_images(data_dir=tmp_path / "tfds", cache_dir=tmp_path / "cache")
+    assert "unreadable" in str(info.value) and str(version_dir) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_cache_dir_that_is_a_file_fails_before_reading(tmp_path):
+    blocker = tmp_path / "cache"
+    blocker.write_text("")
+    # data_dir does not exist: the cache_dir check must come first.
+    with pytest.raises(omniglot.DatasetNotFoundError, match=f"{blocker} is a file"):
+        omniglot.load_images(data_dir=tmp_path / "none", cache_dir=blocker / "sub")
 
 
 def test_cache_path_name_and_env(tmp_path, monkeypatch):
