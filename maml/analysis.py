@@ -21,6 +21,7 @@ The gradient and curvature functions are pure and jit-able; ``time_and_memory``
 is the one that measures (and so runs) what it is given.
 """
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -111,9 +112,10 @@ def tree_norm(tree: PyTree) -> jax.Array:
 
 
 def cosine_similarity(a: PyTree, b: PyTree) -> jax.Array:
-    """``<a, b> / (|a| |b|)`` over whole pytrees of the same structure; 0 if either is 0."""
+    """``<a, b> / (|a| |b|)`` over whole pytrees of the same structure; 0 if either is 0,
+    NaN if either is not finite (a diverged gradient is not orthogonal to anything)."""
     denominator = tree_norm(a) * tree_norm(b)
-    return jnp.where(denominator > 0, second_order.tree_vdot(a, b) / denominator, 0.0)
+    return jnp.where(denominator == 0, 0.0, second_order.tree_vdot(a, b) / denominator)
 
 
 def random_unit_direction(key: jax.Array, params: PyTree) -> PyTree:
@@ -315,11 +317,15 @@ def sgd_stability(inner_lr: float, lambda_max: float) -> dict[str, float | bool]
     (for ``lambda_max > 0``).
 
     Returns:
-      ``{"lambda_max", "limit_lr" (2 / lambda_max, inf if lambda_max <= 0),
-      "inner_lr", "ratio" (inner_lr / limit_lr), "stable"}``.
+      ``{"lambda_max", "limit_lr" (2 / lambda_max, inf if lambda_max <= 0, NaN if
+      lambda_max is not finite), "inner_lr", "ratio" (inner_lr / limit_lr), "stable"}``;
+      a ``lambda_max`` that is not finite (a diverged estimate) is never stable.
     """
     lambda_max = float(lambda_max)
-    limit = 2.0 / lambda_max if lambda_max > 0 else float("inf")
+    if not math.isfinite(lambda_max):
+        limit = math.nan
+    else:
+        limit = 2.0 / lambda_max if lambda_max > 0 else math.inf
     return {
         "lambda_max": lambda_max,
         "limit_lr": limit,

@@ -355,11 +355,12 @@ def adaptation_curve(
 
 
 def summarize(values: np.ndarray) -> dict:
-    """Mean and 95% confidence half-width (1.96 std / sqrt(n)) over tasks (last axis),
+    """Mean and 95% confidence half-width (1.96 std / sqrt(n), the std over the n
+    tasks with ddof=0 as in Finn's code; NaN for one task) over tasks (last axis),
     the median, and how many tasks are not finite (diverged inner SGD)."""
     n = values.shape[-1]
     with np.errstate(invalid="ignore"):  # inf - inf in the std of diverged tasks: NaN
-        ci95 = 1.96 * values.std(-1) / np.sqrt(n)
+        ci95 = 1.96 * values.std(-1) / np.sqrt(n) if n > 1 else np.full(values.shape[:-1], np.nan)
     return {
         "mean": values.mean(-1).tolist(),
         "ci95": ci95.tolist(),

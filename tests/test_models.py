@@ -18,8 +18,8 @@ def _reference_conv(x, kernel, stride):
     )
 
 
-@pytest.mark.parametrize("impl", ops.CONV_IMPLS)
-@pytest.mark.parametrize("size,stride", [(28, 2), (7, 2), (5, 1)])
+@pytest.mark.parametrize("impl", [i for i in ops.CONV_IMPLS if i != "lax"])  # lax: the reference
+@pytest.mark.parametrize("size,stride", [(28, 2), (7, 2), (3, 2), (1, 2), (5, 1)])
 def test_conv_matches_lax_forward_and_gradient(x64, impl, size, stride):
     kx, kw, kb, kc = jax.random.split(jax.random.key(size * 10 + stride), 4)
     x = jax.random.normal(kx, (2, size, size, 3), jnp.float64)

@@ -166,13 +166,17 @@ def test_spectral_density_is_exact_for_a_diagonal_hessian():
     # Rademacher probes see every eigenvalue of a diagonal matrix with weight 1/n.
     d = jnp.array([1.0] * 6 + [10.0] * 4)
     f = lambda p: 0.5 * jnp.sum(d * p**2)  # noqa: E731
-    grid, density = jax.jit(
-        lambda p, k: so.spectral_density(f, p, num_iters=10, num_probes=4, key=k, sigma=0.2)
-    )(jnp.zeros(10), jax.random.key(0))
-    np.testing.assert_allclose(jnp.trapezoid(density, grid), 1.0, rtol=1e-12)
-    low = jnp.trapezoid(jnp.where(grid < 5.0, density, 0.0), grid)
-    np.testing.assert_allclose(low, 0.6, atol=1e-3)
-    assert abs(float(grid[jnp.argmax(density)]) - 1.0) < 0.05
+    # (The density is normalised by construction: its total mass checks nothing.)
+    for sigma in (0.2, None):  # None: the default broadening and grid
+        grid, density = jax.jit(
+            lambda p, k, s=sigma: so.spectral_density(
+                f, p, num_iters=10, num_probes=4, key=k, sigma=s
+            )
+        )(jnp.zeros(10), jax.random.key(0))
+        low = jnp.trapezoid(jnp.where(grid < 5.0, density, 0.0), grid)
+        np.testing.assert_allclose(low, 0.6, atol=1e-3)
+        assert abs(float(grid[jnp.argmax(density)]) - 1.0) < 0.05
+        assert float(grid[0]) < 1.0 and float(grid[-1]) > 10.0  # the grid spans both
 
 
 def test_spectral_density_moments_with_fewer_lanczos_steps_than_parameters():
@@ -211,7 +215,6 @@ def test_spectral_density_mass_sits_at_the_eigenvalues():
         )
     )
     grid, density = slq(params, jax.random.key(3))
-    np.testing.assert_allclose(jnp.trapezoid(density, grid), 1.0, rtol=1e-12)
     exact = np.exp(-0.5 * ((np.asarray(grid)[:, None] - eigenvalues) / sigma) ** 2).sum(1)
     exact /= np.trapezoid(exact, grid)
     # Cumulative distributions: SLQ against the broadened eigenvalue histogram.

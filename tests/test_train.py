@@ -405,6 +405,8 @@ def test_summary_counts_diverged_tasks_and_keeps_the_median_finite():
     assert s["nonfinite"] == [0, 2]
     assert s["median"] == [3.0, 3.0]  # NaN counts as infinitely bad, not as "unknown"
     assert np.isnan(s["mean"][1])
+    # One task has no spread to estimate: no interval, rather than a width of 0.
+    assert np.isnan(train.summarize(np.array([[0.7]]))["ci95"][0])
     table = evaluate.format_table(
         {"metric": "mse", "num_tasks": 5, "results": {"5": {"inner_steps": [0, 1], **s}}}
     )
