@@ -8,14 +8,19 @@ or ``eval_best.json`` and ``eval_best.png`` for the best-validation checkpoint.
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 
 import jax
 import ml_collections
 
 from maml import plots
-from maml.train import adaptation_curve, restore_params, root_keys, summarize
+from maml.train import (
+    adaptation_curve,
+    finite_or_null,
+    restore_params,
+    root_keys,
+    summarize,
+)
 
 
 def evaluate(
@@ -58,23 +63,11 @@ def evaluate(
     }
     name = "eval" if checkpoint == "latest" else f"eval_{checkpoint}"
     (workdir / f"{name}.json").write_text(
-        json.dumps(_finite_or_null(evaluation), indent=2, allow_nan=False) + "\n"
+        json.dumps(finite_or_null(evaluation), indent=2, allow_nan=False) + "\n"
     )
     (workdir / "plots").mkdir(exist_ok=True)
     plots.adaptation_curves(evaluation, workdir / "plots" / f"{name}.png")
     return evaluation
-
-
-def _finite_or_null(tree):
-    """JSON has no inf or NaN: a mean over diverged tasks is written as null (their
-    number is in ``nonfinite``), so that strict parsers (jq, JavaScript) read the file."""
-    if isinstance(tree, dict):
-        return {k: _finite_or_null(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_finite_or_null(v) for v in tree]
-    if isinstance(tree, float) and not math.isfinite(tree):
-        return None
-    return tree
 
 
 def _with_shots(task, shots: int, config):

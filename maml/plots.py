@@ -1,6 +1,7 @@
 """Figures: training curves, Finn et al.'s Figure 2 (sinusoid adaptation) and
 Figure 3 (metric against inner steps)."""
 
+import math
 from pathlib import Path
 
 import jax
@@ -14,7 +15,8 @@ from maml import core  # noqa: E402
 
 
 def training_curves(records: list[dict], path: Path) -> None:
-    """One panel per logged metric against the meta-step."""
+    """One panel per logged metric against the meta-step (a null value, not finite
+    when logged, is a gap)."""
     # Periodic metrics (validation) appear in some records only.
     keys = list(dict.fromkeys(k for r in records for k in r if k not in ("step", "wall_s")))
     if not keys:
@@ -24,12 +26,13 @@ def training_curves(records: list[dict], path: Path) -> None:
         logged = [r for r in records if key in r]
         ax.plot(
             [r["step"] for r in logged],
-            [r[key] for r in logged],
+            [math.nan if r[key] is None else r[key] for r in logged],
             marker="." if len(logged) < 30 else None,
         )
-        if key.startswith("val_"):  # the state kept in best_checkpoint/ (ties: the later)
+        finite = [r for r in logged if r[key] is not None and math.isfinite(r[key])]
+        if key.startswith("val_") and finite:  # the state in best_checkpoint/ (ties: the later)
             sign = 1 if key == "val_accuracy" else -1
-            best = max(logged, key=lambda r: (sign * r[key], r["step"]))
+            best = max(finite, key=lambda r: (sign * r[key], r["step"]))
             ax.plot(best["step"], best[key], "*", color="tab:red", ms=10, label="best")
             ax.legend(loc="best", fontsize="small")
         ax.set_xlabel("meta-step")

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import math
 import signal
 import sys
 import threading
@@ -400,15 +401,22 @@ def checkpoint_manager(
 ) -> ocp.CheckpointManager:
     """``latest``: the last 3 saves, for resuming; ``best``: the state with the best
     validation ``metric`` so far (highest accuracy, lowest error; of equal ones, the
-    later), one save."""
+    later), one save. A NaN validation (diverged inner SGD) ranks below every other."""
     if which == "latest":
         options = ocp.CheckpointManagerOptions(max_to_keep=3, create=True)
     else:
+        mode = "max" if metric == "accuracy" else "min"
+        worst = -math.inf if mode == "max" else math.inf
+
+        def best_fn(metrics):  # NaN compares false with everything: orbax would keep it
+            value = metrics[f"val_{metric}"]
+            return worst if math.isnan(value) else value
+
         options = ocp.CheckpointManagerOptions(
             max_to_keep=1,
             create=True,
-            best_fn=lambda m: m[f"val_{metric}"],
-            best_mode="max" if metric == "accuracy" else "min",
+            best_fn=best_fn,
+            best_mode=mode,
             # With several processes, both managers save the same steps: without
             # a prefix their barrier keys collide and the saves time out.
             multiprocessing_options=ocp.options.MultiprocessingOptions(
@@ -466,6 +474,18 @@ def _shape_mismatch(step_dir: Path, abstract: PyTree) -> str | None:
 # --- The training loop -------------------------------------------------------------
 
 
+def finite_or_null(tree):
+    """JSON has no inf or NaN: a value that is not finite is written as null, so that
+    strict parsers (jq, JavaScript) read the file."""
+    if isinstance(tree, dict):
+        return {k: finite_or_null(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [finite_or_null(v) for v in tree]
+    if isinstance(tree, float) and not math.isfinite(tree):
+        return None
+    return tree
+
+
 def _read_metrics(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -503,8 +523,10 @@ RESUMABLE_CHANGES = frozenset(
     }
 )
 """Config fields a resumed run may change freely: how long it runs, how often it logs,
-saves and validates, where the data is, how a step is computed (same numbers), and
-evaluation. Any other change makes the run something its checkpoint was not."""
+saves and validates, where the data is, how a step is computed (the same maths, so
+the same numbers up to float rounding, not bit for bit: Adam can magnify the
+difference in a near-zero gradient), and evaluation. Any other change makes the run
+something its checkpoint was not."""
 
 
 SPLIT_FIELDS = ("task", "split_protocol", "split_seed", "num_validation_classes")
@@ -522,6 +544,8 @@ def config_changes(
         return []
     try:
         saved = json.loads(path.read_text())
+        if not isinstance(saved, dict) or not saved:
+            raise ValueError("not an object of settings")
     except ValueError as e:
         raise CheckpointError(
             f"{path}, the run's settings, is not valid JSON ({e}): repair it (it must hold "
@@ -680,7 +704,7 @@ def _train_and_evaluate(
     def log(record: dict) -> None:
         if is_main:
             with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(finite_or_null(record), allow_nan=False) + "\n")
 
     logged, metrics = start, None
     try:
@@ -720,17 +744,19 @@ def _train_and_evaluate(
                     state.params, jax.random.fold_in(eval_key, step), num_tasks=config.num_val_tasks
                 )
                 record[f"val_{val_task.metric}"] = float(curve[-1].mean())
-            if keep_best and f"val_{val_task.metric}" in record:
-                # Kept only while it is the best validation so far.
-                best.save(
-                    step,
-                    args=ocp.args.StandardSave(state),
-                    metrics={f"val_{val_task.metric}": record[f"val_{val_task.metric}"]},
-                )
-            log(record)
-            logged = step
-            if step % config.checkpoint_every == 0 or step == config.num_steps:
-                manager.save(step, args=ocp.args.StandardSave(state))
+            # An interrupt inside orbax's save would surface as its traceback.
+            with _signals_deferred():
+                if keep_best and f"val_{val_task.metric}" in record:
+                    # Kept only while it is the best validation so far.
+                    best.save(
+                        step,
+                        args=ocp.args.StandardSave(state),
+                        metrics={f"val_{val_task.metric}": record[f"val_{val_task.metric}"]},
+                    )
+                log(record)
+                logged = step
+                if step % config.checkpoint_every == 0 or step == config.num_steps:
+                    manager.save(step, args=ocp.args.StandardSave(state))
             bar.update(num)
             bar.set_postfix(
                 {

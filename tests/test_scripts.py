@@ -54,6 +54,19 @@ def test_validate_names_field_value_and_what_is_allowed(field, value, allowed):
     assert "\n" not in message
 
 
+@pytest.mark.parametrize(
+    "config, task, model",
+    [
+        (sinusoid.get_config(), "omniglot", "convnet"),
+        (omniglot_configs.get_config(), "sinusoid", "mlp"),
+    ],
+)
+def test_validate_refuses_another_familys_task(config, task, model):
+    config.update(task=task, model=model)
+    with pytest.raises(ConfigError, match=f"start from maml/configs/{task}.py"):
+        validate(config)
+
+
 def test_validate_refuses_a_rate_no_float_holds():
     # A config file may start a rate as an int (a float field would not take it).
     config = ml_collections.ConfigDict({"outer_lr": 10**400})
@@ -185,10 +198,12 @@ def test_train_script_checks_its_directories_before_compute(tmp_path, where):
 def test_corrupt_config_json_fails_in_one_line(tmp_path):
     args = [f"--config={CONFIG}:tiny", f"--workdir={tmp_path}", "--config.log_every=10"]
     assert run(*args, "--config.num_steps=10", "--config.checkpoint_every=10").returncode == 0
-    (tmp_path / "config.json").write_text('{"task": "sinus')
-    result = run(*args, "--config.num_steps=20")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "config.json, the run's settings, is not valid JSON" in result.stderr
+    # Cut short; valid JSON but no settings (a traceback, or a resume that checked nothing).
+    for text in ('{"task": "sinus', "null", "[1, 2]"):
+        (tmp_path / "config.json").write_text(text)
+        result = run(*args, "--config.num_steps=20")
+        assert result.returncode == 2 and "Traceback" not in result.stderr, text
+        assert "config.json, the run's settings, is not valid JSON" in result.stderr
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,10 @@ import signal
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
-from maml import core, evaluate, imaml, train
+from maml import core, evaluate, imaml, plots, train
 from maml.configs import ConfigError, sinusoid, validate
 from maml.tasks.sinusoid import Sinusoid
 
@@ -386,7 +387,7 @@ def test_divergence_stops_the_run_and_keeps_the_checkpoints_before_it(tmp_path):
     records = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, bad + 1))
     assert all(np.isfinite(list(r.values())).all() for r in records[:-1])
-    assert not np.isfinite(list(records[-1].values())).all()
+    assert None in records[-1].values()  # the value that was not finite, as JSON's null
     _, params, step = train.restore_params(config, tmp_path)
     assert step == bad - 1
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
@@ -536,3 +537,33 @@ def test_validation_compiles_once(tmp_path, monkeypatch):
     train.train_and_evaluate(config, tmp_path)
     # Four validations of 3 tasks (the meta-batch is 4): the validation curve is traced once.
     assert traced.count(config.num_val_tasks) == 1
+
+
+@pytest.mark.parametrize(
+    "metric, values, expected",
+    [
+        ("mse", [0.5, np.nan, 0.7], 1),
+        ("mse", [np.nan, 0.7], 2),
+        ("accuracy", [0.5, np.nan, 0.4], 1),
+    ],
+)
+def test_a_nan_validation_is_never_the_best(tmp_path, metric, values, expected):
+    # Diverged inner SGD gives a NaN validation; NaN compares false with everything.
+    best = train.checkpoint_manager(tmp_path, "best", metric)
+    for step, value in enumerate(values, 1):
+        state = {"x": np.full(2, step, np.float32)}
+        best.save(step, args=ocp.args.StandardSave(state), metrics={f"val_{metric}": value})
+    best.wait_until_finished()
+    assert best.all_steps() == [expected]
+
+
+def test_nonfinite_metrics_are_logged_as_null_and_plotted_as_gaps(tmp_path):
+    records = [
+        {"step": 1, "loss": 1.0, "val_mse": 2.0},
+        {"step": 2, "loss": 0.5, "val_mse": float("nan")},
+        {"step": 3, "loss": float("inf"), "val_mse": 1.0},
+    ]
+    written = [json.dumps(train.finite_or_null(r), allow_nan=False) for r in records]
+    assert json.loads(written[1])["val_mse"] is None and json.loads(written[2])["loss"] is None
+    plots.training_curves([json.loads(line) for line in written], tmp_path / "t.png")
+    assert (tmp_path / "t.png").stat().st_size > 0

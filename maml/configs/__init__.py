@@ -5,8 +5,9 @@ import math
 import ml_collections
 
 ALGORITHMS = ("maml", "fomaml", "imaml", "pretrain")
-# The model each task family runs.
+# The model each task family runs, and a field every config of the family has.
 MODELS = {"sinusoid": "mlp", "omniglot": "convnet"}
+FAMILY_FIELDS = {"sinusoid": "hidden_sizes", "omniglot": "num_ways"}
 
 
 class ConfigError(ValueError):
@@ -92,6 +93,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"config.model={config.model!r} is invalid with config.task={config.task!r}: "
             f"it must be {model!r}."
+        )
+    field = FAMILY_FIELDS.get(config.get("task"))
+    if field and field not in config:
+        raise ConfigError(
+            f"config.task={config.task!r} is invalid with this config, which has no "
+            f"config.{field}: start from maml/configs/{config.task}.py instead."
         )
     _check(config, "init", lambda v: v in ("lecun", "finn"), "one of lecun, finn")
     _check(

@@ -184,12 +184,11 @@ def _read_raw(data_dir: str | None, download: bool, image_size: int) -> dict[str
                 images.append(preprocess_images(raw, image_size=image_size))
                 labels.extend(int(e["label"]) for e in batch)
                 alphabets.extend(int(e["alphabet"]) for e in batch)
-    except (OSError, RuntimeError, KeyError, ValueError, json_format.Error) as e:
-        if download:
-            raise
+    except (OSError, RuntimeError, KeyError, ValueError, ImportError, json_format.Error) as e:
         first_line = (str(e).splitlines() or [""])[0]
+        what = "could not be downloaded to" if download else "is incomplete or unreadable in"
         raise DatasetNotFoundError(
-            f"Omniglot {DATASET_VERSION} in {dataset_dir} is incomplete or unreadable "
+            f"Omniglot {DATASET_VERSION} {what} {dataset_dir} "
             f"({type(e).__name__}: {first_line}): {_how_to_provide()}."
         ) from e
     return _group_by_character(
