@@ -14,13 +14,7 @@ import jax
 import ml_collections
 
 from maml import plots
-from maml.train import (
-    adaptation_curve,
-    finite_or_null,
-    restore_params,
-    root_keys,
-    summarize,
-)
+from maml.train import adaptation_curve, finite_or_null, restore_params, root_keys, summarize
 
 
 def evaluate(
