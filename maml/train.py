@@ -545,11 +545,11 @@ def config_changes(
     try:
         saved = json.loads(path.read_text())
         if not isinstance(saved, dict) or not saved:
-            raise ValueError("not an object of settings")
+            raise ValueError(f"it holds {json.dumps(saved)[:40]}")
     except ValueError as e:
         raise CheckpointError(
-            f"{path}, the run's settings, is not valid JSON ({e}): repair it (it must hold "
-            "the settings the run was started with)."
+            f"{path}, the run's settings, is not a JSON object of settings ({e}): repair it "
+            "(it must hold the settings the run was started with)."
         ) from e
     current = json.loads(config.to_json_best_effort())
     return [

@@ -203,7 +203,7 @@ def test_corrupt_config_json_fails_in_one_line(tmp_path):
         (tmp_path / "config.json").write_text(text)
         result = run(*args, "--config.num_steps=20")
         assert result.returncode == 2 and "Traceback" not in result.stderr, text
-        assert "config.json, the run's settings, is not valid JSON" in result.stderr
+        assert "config.json, the run's settings, is not a JSON object of settings" in result.stderr
 
 
 @pytest.mark.parametrize(
