@@ -5,6 +5,7 @@ temporary directory from the prepared TFDS data in ``../shared/data/tfds``.
 """
 
 import shutil
+import sys
 from pathlib import Path
 
 import jax
@@ -130,12 +131,55 @@ def test_cache_round_trip(data, cache_dir, tmp_path):
     again = omniglot.load_images(data_dir=tmp_path / "no_such_dir", cache_dir=cache_dir)
     np.testing.assert_array_equal(again["images"], data["images"])
     np.testing.assert_array_equal(again["alphabet_ids"], data["alphabet_ids"])
-    # A corrupt cache is rebuilt rather than trusted; here there is no data to rebuild from.
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    omniglot.cache_path(bad).write_bytes(b"not an npz")
-    with pytest.raises(omniglot.DatasetNotFoundError):
-        omniglot.load_images(data_dir=tmp_path / "no_such_dir", cache_dir=bad)
+
+
+def _write_npz(path, **arrays):
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    ["empty", "not_npz", "npy", "format_object", "format_vector", "float_images", "alphabets"],
+)
+def test_corrupt_cache_is_rebuilt_not_trusted(data, tmp_path, corrupt):
+    bad = omniglot.cache_path(tmp_path / "bad")
+    bad.parent.mkdir()
+    fmt, images, alphabets = np.int64(omniglot._CACHE_FORMAT), data["images"], data["alphabet_ids"]
+    if corrupt == "empty":
+        bad.write_bytes(b"")
+    elif corrupt == "not_npz":
+        bad.write_bytes(b"not an npz")
+    elif corrupt == "npy":
+        with open(bad, "wb") as f:
+            np.save(f, images)
+    elif corrupt == "format_object":  # needs pickle to load
+        _write_npz(bad, format=np.array([fmt], object), images=images, alphabet_ids=alphabets)
+    elif corrupt == "format_vector":
+        _write_npz(bad, format=np.array([fmt, fmt]), images=images, alphabet_ids=alphabets)
+    elif corrupt == "float_images":
+        _write_npz(bad, format=fmt, images=images.astype(np.float32), alphabet_ids=alphabets)
+    else:
+        _write_npz(bad, format=fmt, images=images, alphabet_ids=alphabets[:5])
+    # Rebuilt rather than trusted: here there is no data to rebuild from.
+    with pytest.raises(omniglot.DatasetNotFoundError, match="no_such_dir"):
+        omniglot.load_images(data_dir=tmp_path / "no_such_dir", cache_dir=bad.parent)
+
+
+def test_cache_path_that_is_a_directory_fails_before_reading(tmp_path):
+    omniglot.cache_path(tmp_path).mkdir()
+    with pytest.raises(omniglot.DatasetNotFoundError, match="is not a file: move it away"):
+        omniglot.load_images(data_dir=tmp_path / "none", cache_dir=tmp_path)
+
+
+def test_no_cache_and_no_tfds_names_both_places(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import fails
+    with pytest.raises(omniglot.DatasetNotFoundError) as info:
+        omniglot.load_images(data_dir=tmp_path / "tfds", cache_dir=tmp_path / "cache")
+    message = str(info.value)
+    assert "tensorflow-datasets is not installed" in message and "\n" not in message
+    assert str(tmp_path / "tfds") in message
+    assert str(omniglot.cache_path(tmp_path / "cache")) in message
 
 
 def test_images_shapes_and_pixel_convention(data):

@@ -139,14 +139,18 @@ def _how_to_provide() -> str:
     )
 
 
-def _read_raw(data_dir: str | None, download: bool, image_size: int) -> dict[str, np.ndarray]:
+def _read_raw(
+    data_dir: str | None, download: bool, image_size: int, *, cache: Path
+) -> dict[str, np.ndarray]:
     """Reads and preprocesses every image of TFDS ``omniglot`` (train and test splits)."""
     try:
         import tensorflow_datasets as tfds  # lazy: only needed without a cache
     except ImportError as e:
+        looked_in = data_dir or os.environ.get("TFDS_DATA_DIR") or "TFDS's default data_dir"
         raise DatasetNotFoundError(
-            f"No Omniglot cache and tensorflow-datasets is not installed ({e}); install it, "
-            f"or copy a cache file made elsewhere, then {_how_to_provide()}."
+            f"No Omniglot cache at {cache} and tensorflow-datasets is not installed ({e}) to "
+            f"read the data in {looked_in}: install it (pip install tensorflow-datasets), or "
+            f"copy a cache file made elsewhere to {cache}."
         ) from None
     from google.protobuf import json_format  # reads TFDS's dataset_info.json
 
@@ -232,11 +236,18 @@ def load_images(
       row ``c`` is character (TFDS ``label``) ``c``; characters below 964 are
       TFDS ``train`` (Lake's background set), the rest TFDS ``test``.
 
+    A cache file that does not load as this code's format (empty, truncated,
+    another layout or dtype) is rebuilt, not trusted.
+
     Raises:
-      DatasetNotFoundError: no cache and the dataset is missing or incomplete.
+      DatasetNotFoundError: no cache and the dataset is missing or incomplete,
+        or the cache cannot be written.
     """
     path = cache_path(cache_dir, image_size=image_size)
-    for parent in path.parents:  # fail before the slow read, not at the write after it
+    # Fail before the slow read, not at the write after it.
+    if path.exists() and not path.is_file():
+        raise DatasetNotFoundError(f"the Omniglot cache {path} is not a file: move it away")
+    for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise DatasetNotFoundError(
@@ -246,12 +257,19 @@ def load_images(
     cached = _load_cache(path, image_size)
     if cached is not None:
         return cached
-    data = _read_raw(None if data_dir is None else os.fspath(data_dir), download, image_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    data = _read_raw(
+        None if data_dir is None else os.fspath(data_dir), download, image_size, cache=path
+    )
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz"
-        np.savez(f, format=np.int64(_CACHE_FORMAT), **data)
-    os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz"
+            np.savez(f, format=np.int64(_CACHE_FORMAT), **data)
+        os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+    except OSError as e:
+        raise DatasetNotFoundError(f"cannot write the Omniglot cache {path}: {e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return data
 
 
@@ -259,13 +277,20 @@ def _load_cache(path: Path, image_size: int) -> dict[str, np.ndarray] | None:
     if not path.is_file():
         return None
     try:
-        with np.load(path) as f:
+        with np.load(path, allow_pickle=False) as f:
             data = {"images": f["images"], "alphabet_ids": f["alphabet_ids"]}
-            cache_format = int(f["format"])
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-        return None  # unreadable or from another version of this code: rebuild it
+            cache_format = f["format"]
+    except (OSError, EOFError, TypeError, ValueError, KeyError, zipfile.BadZipFile):
+        return None  # unreadable (empty, truncated, not an .npz): rebuild it
     expected = (NUM_CHARACTERS, NUM_DRAWINGS, image_size, image_size)
-    if cache_format != _CACHE_FORMAT or data["images"].shape != expected:
+    if (
+        cache_format.shape != ()
+        or cache_format != _CACHE_FORMAT  # from another version of this code
+        or data["images"].shape != expected
+        or data["images"].dtype != np.uint8
+        or data["alphabet_ids"].shape != (NUM_CHARACTERS,)
+        or not np.issubdtype(data["alphabet_ids"].dtype, np.integer)
+    ):
         return None
     return data
 
