@@ -88,6 +88,10 @@ def parse_args(argv=None):
         p.error(
             f"--task-num={args.task_num} must be a multiple of --cpu-devices={args.cpu_devices}"
         )
+    if args.first_order:  # the peer's flag, for fomaml
+        if args.algorithm == "imaml":
+            p.error("--first-order is first-order MAML: drop it or --algorithm=imaml")
+        args.algorithm = "fomaml"
     if args.inner_steps < 0 or args.warmup < 0 or args.peer_steps < 0:
         p.error("--inner-steps, --warmup and --peer-steps must be >= 0")
     if args.compare_peer:
@@ -111,7 +115,7 @@ def parse_args(argv=None):
 
 def make_config(args):
     config = omniglot_config.get_config()
-    config.unlock()
+    config.lock()  # a field the config lacks is an error, not a silent no-op
     config.update(
         num_ways=args.n_way,
         num_shots=args.k_spt,
@@ -119,7 +123,6 @@ def make_config(args):
         meta_batch_size=args.task_num,
         num_inner_steps=args.inner_steps,
         inner_lr=args.inner_lr,
-        first_order=args.first_order,
         algorithm=args.algorithm,
         remat=args.remat,
         conv_impl=args.conv_impl,
@@ -287,7 +290,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-    if args.compare_peer and (args.first_order or args.algorithm != "maml"):
+    if args.compare_peer and args.algorithm != "maml":
         print("error: the peer runs second-order MAML only; drop --compare-peer", file=sys.stderr)
         sys.exit(2)
     result, timed, profiled = time_ours(args)
@@ -297,18 +300,21 @@ def main(argv=None):
         if args.compare_peer:
             peers.append(run_peer(args))
     s_per_step = statistics.median(ours) / args.steps
+    # Both sides' tasks/s as the median of per-round rates, so the ratio is a
+    # ratio of medians for an even --rounds too.
+    tasks_per_s = statistics.median(args.task_num * args.steps / t for t in ours)
     result.update(
         n_way=args.n_way,
         k_spt=args.k_spt,
         k_qry=args.k_qry,
         task_num=args.task_num,
         inner_steps=args.inner_steps,
-        algorithm="fomaml" if args.first_order else args.algorithm,
+        algorithm=args.algorithm,
         remat=args.remat,
         conv_impl=args.conv_impl,
         steps=args.steps,
         s_per_step=s_per_step,
-        tasks_per_s=args.task_num / s_per_step,
+        tasks_per_s=tasks_per_s,
         peak_mem_mib=(analysis.device_peak_bytes() or 0) / 2**20 or None,
     )
     if peers:

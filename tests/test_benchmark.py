@@ -111,3 +111,52 @@ def test_benchmark_rejects_bad_sizes(args, message):
         cwd=ROOT,
     )
     assert result.returncode == 2 and message in result.stderr
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    return benchmark
+
+
+def test_first_order_flag_is_fomaml():
+    benchmark = _load_benchmark()
+    args = benchmark.parse_args(["--first-order"])
+    assert args.algorithm == "fomaml" and benchmark.make_config(args).algorithm == "fomaml"
+    assert benchmark.make_config(benchmark.parse_args([])).algorithm == "maml"
+    with pytest.raises(SystemExit) as info:
+        benchmark.parse_args(["--first-order", "--algorithm", "imaml"])
+    assert info.value.code == 2
+
+
+def test_ratio_is_of_medians_and_peer_gets_our_shapes(tmp_path, monkeypatch, capsys):
+    """Equal speeds give a ratio of 1 for an even --rounds; the peer gets our shapes."""
+    benchmark = _load_benchmark()
+    seconds = iter([1.0, 2.0])  # per call of --steps 4 of --task-num 6: 24 then 12 tasks/s
+    monkeypatch.setattr(benchmark, "time_ours", lambda args: ({}, lambda: next(seconds), None))
+    peer, calls = tmp_path / "peer.py", tmp_path / "calls.jsonl"
+    peer.write_text(
+        "import json, sys\n"
+        f"calls = {str(calls)!r}\n"
+        "with open(calls, 'a') as f:\n"
+        "    f.write(json.dumps(sys.argv[1:]) + '\\n')\n"
+        "rate = [24.0, 12.0][len(open(calls).readlines()) - 1]\n"
+        "print('peer log line')\n"
+        "print(json.dumps({'tasks_per_s': rate}))\n"
+    )
+    argv = ["--task-num", "6", "--n-way", "3", "--k-spt", "2", "--k-qry", "4", "--steps", "4"]
+    argv += ["--inner-steps", "2", "--inner-lr", "0.3", "--rounds", "2", "--peer-steps", "3"]
+    benchmark.main([*argv, "--compare-peer", sys.executable, "--peer-script", str(peer)])
+    out = json.loads(capsys.readouterr().out)
+    assert out["tasks_per_s"] == pytest.approx(18.0)  # the median of 24 and 12
+    assert out["peer_tasks_per_s"] == pytest.approx(18.0)
+    assert out["speedup_vs_peer"] == pytest.approx(1.0)
+    assert out["s_per_step"] == pytest.approx(1.5 / 4)
+    runs = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert len(runs) == 2
+    flags = dict(zip(runs[0][::2], runs[0][1::2], strict=True))
+    assert flags == {
+        "--device": "cpu", "--n-way": "3", "--k-spt": "2", "--k-qry": "4", "--task-num": "6",
+        "--inner-steps": "2", "--inner-lr": "0.3", "--steps": "3", "--warmup": "1",
+    }  # fmt: skip
