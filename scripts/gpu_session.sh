@@ -18,6 +18,14 @@
 # replaces the training plan, e.g. PLAN="20way1shot,background 560 0". A run
 # cut short comes back as run_NAME.tar.gz; carried as .runs/run_NAME.tar.gz
 # into a later call, the same plan item resumes it from its last checkpoint.
+# What is missing is named in session.log and stops the run (exit 2) at once.
+#
+# Before the call, in the checkout (all git-ignored; then carry .cache .whl .peer .runs):
+#   python3 -c "from maml.tasks.omniglot import load_images as l; \
+#     l(data_dir='../shared/data/tfds', cache_dir='.cache/maml')"   # 25 MB, ~20 s
+#   mkdir -p .whl .peer .runs && cp /opt/pypi/files/ml_collections-*.whl .whl/
+#   cp ../shared/bench/peer_torchfunc.py .peer/
+#   cp ../shared/data/omniglot_one_shot_runs/all_runs.zip .runs/
 set -u
 budget=${1:-540}
 start=$(date +%s)
@@ -41,8 +49,25 @@ pack_logs() { tar -czf "$OUT/logs.tar.gz" -C "$work" logs; }
 nvidia-smi -L | tee -a "$OUT/session.log"
 python3 -c "import jax, flax, optax, orbax.checkpoint, ml_collections; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" 2>&1 | tee -a "$OUT/session.log"
 
+# What was not carried fails here, in seconds, not step by step in the logs.
+plan=("5way5shot 330 60" "20way1shot 330 0" "20way5shot 400 0" "5way1shot 220 0")
+[ -n "${PLAN:-}" ] && IFS=';' read -r -a plan <<<"$PLAN"
+missing=()
+python3 -c "import ml_collections" 2>/dev/null || missing+=("ml_collections (carry its wheel in .whl/)")
+cache=$MAML_CACHE_DIR/omniglot-3.0.0-28.npz
+[ ${#plan[@]} -gt 0 ] && [ ! -f "$cache" ] && missing+=("the Omniglot cache $cache (carry .cache)")
+[[ "${plan[*]}" == *background* ]] && [ ! -f .runs/all_runs.zip ] \
+  && [ ! -f ../shared/data/omniglot_one_shot_runs/all_runs.zip ] && missing+=(".runs/all_runs.zip")
+[ "${BENCH:-1}" != 0 ] && [ ! -f .peer/peer_torchfunc.py ] \
+  && [ ! -f ../shared/bench/peer_torchfunc.py ] && missing+=(".peer/peer_torchfunc.py")
+if [ ${#missing[@]} -gt 0 ]; then
+  for m in "${missing[@]}"; do log "missing: $m"; done
+  exit 2
+fi
+
 bench() {  # name, then benchmark flags
   local name=$1; shift
+  [ "$(left)" -lt 160 ] && { log "no time left for bench $name"; return; }
   log "bench $name $*"
   timeout 150 python3 scripts/benchmark.py "$@" >>"$OUT/bench.jsonl" 2>>"$logs/bench.err" \
     || log "bench $name failed: $(tail -2 "$logs/bench.err")"
@@ -77,27 +102,40 @@ train_and_eval() {  # variant, seconds for training
     tar -xzf ".runs/run_$name.tar.gz" -C "$runs" && log "resuming $variant from .runs/run_$name.tar.gz"
   fi
   log "train $variant for at most ${seconds}s"
-  timeout -s INT -k 20 "$seconds" python3 scripts/train.py \
-    --config="maml/configs/omniglot.py:$variant" --workdir="$dir" >"$logs/train_$name.log" 2>&1
-  log "train $variant exit $? at step $(tail -1 "$dir/metrics.jsonl" 2>/dev/null | cut -c1-120)"
-  timeout 90 python3 scripts/evaluate.py --config="maml/configs/omniglot.py:$variant" \
+  # SIGINT is honoured between chunks of log_every steps: 100 keeps a chunk well
+  # inside the 30 s grace before SIGKILL (500, the default, need not be).
+  timeout -s INT -k 30 "$seconds" python3 scripts/train.py \
+    --config="maml/configs/omniglot.py:$variant" --workdir="$dir" --config.log_every=100 \
+    >"$logs/train_$name.log" 2>&1
+  local rc=$?
+  log "train $variant exit $rc at step $(tail -1 "$dir/metrics.jsonl" 2>/dev/null | cut -c1-120)"
+  [ "$rc" = 0 ] || [ "$rc" = 124 ] || log "train $variant: $(tail -1 "$logs/train_$name.log")"
+  # Back in $OUT before evaluating: if the device call's limit cuts what follows,
+  # the checkpoint still comes back.
+  tar -czf "$OUT/run_$name.tar.gz" -C "$runs" "$name"
+  pack_logs
+  local t=$(( $(left) - 10 )); [ "$t" -gt 90 ] && t=90
+  [ "$t" -lt 20 ] && { log "no time left to evaluate $variant"; return; }
+  timeout "$t" python3 scripts/evaluate.py --config="maml/configs/omniglot.py:$variant" \
     --workdir="$dir" >"$logs/eval_$name.log" 2>&1
   log "eval $variant exit $?: $(grep -A4 -- '---' "$logs/eval_$name.log" | tail -3 | tr '\n' ' ')"
   if [[ $variant == 20way1shot*background* ]]; then
     runs_zip=.runs/all_runs.zip
     [ -f "$runs_zip" ] || runs_zip=../shared/data/omniglot_one_shot_runs/all_runs.zip
-    timeout 90 python3 scripts/evaluate_one_shot_runs.py --config="maml/configs/omniglot.py:$variant" \
+    t=$(( $(left) - 10 )); [ "$t" -gt 90 ] && t=90
+    [ "$t" -lt 20 ] && { log "no time left to score Lake's runs"; return; }
+    timeout "$t" python3 scripts/evaluate_one_shot_runs.py --config="maml/configs/omniglot.py:$variant" \
       --workdir="$dir" --runs="$runs_zip" >"$logs/one_shot_runs_$name.log" 2>&1
     log "one-shot runs $variant exit $?: $(grep -- '<- report step' "$logs/one_shot_runs_$name.log")"
   fi
-  tar -czf "$OUT/run_$name.tar.gz" -C "$runs" "$name"
+  tar -czf "$OUT/run_$name.tar.gz" -C "$runs" "$name"  # now with eval.json
   pack_logs
 }
-# Finn's Table 1, the rows not yet reproduced on a GPU first (5-way 1-shot, done
-# in 132 s on an H100, last); each run gets at most its cap and leaves the later
-# ones their minimum (a run cut short saves a checkpoint and is evaluated).
-plan=("5way5shot 330 60" "20way1shot 330 0" "20way5shot 400 0" "5way1shot 220 0")
-[ -n "${PLAN:-}" ] && IFS=';' read -r -a plan <<<"$PLAN"
+# Finn's Table 1 (the plan above), the rows not yet reproduced on a GPU first
+# (5-way 1-shot, done in 132 s on an H100, last). Each item is "variant cap
+# reserve": the run trains for at most cap seconds and leaves reserve seconds,
+# plus 60 for its own evaluation, to the items after it; a run cut short saves
+# a checkpoint and is evaluated. Evaluations get what is left, at most 90 s.
 for item in "${plan[@]}"; do
   read -r variant cap reserve <<<"$item"
   share=$(( $(left) - reserve - 60 ))
