@@ -172,6 +172,26 @@ def test_analyze_curvature_refuses_top_k_past_the_parameters(workdir, tmp_path):
     assert stderr.startswith("error: --top_k=1800 must not exceed the 1761 parameters")
 
 
+def test_meta_gradient_checks_float32_conv_net_against_float64(cache_dir, tmp_path):
+    # A float32 central difference at eps=1e-2 read ~100% error on this correct gradient.
+    config = str(ROOT / "maml" / "configs" / "omniglot.py") + ":tiny"
+    args = f"--config={config}", f"--config.cache_dir={cache_dir}", "--num_tasks=2"
+    args += "--inner_steps=1,2", "--repeats=1", f"--output_dir={tmp_path}"
+    process = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "meta_gradient.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert process.returncode == 0, process.stderr[-2000:]
+    report = json.loads((tmp_path / "meta_gradient.json").read_text())
+    assert report["dtype"] == "float32"
+    for r in report["results"]:
+        check = r["finite_difference"]
+        assert check["passed"] and check["relative_error"] < 1e-3, check
+
+
 def test_meta_gradient_takes_the_largest_seed(tmp_path):
     # Its probe key is seed + 1, which must stay a 64-bit signed seed.
     args = "--inner_steps=1", "--num_tasks=1", "--repeats=1", f"--config.seed={2**63 - 1}"
