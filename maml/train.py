@@ -359,6 +359,7 @@ def summarize(values: np.ndarray) -> dict:
     """Mean and 95% confidence half-width (1.96 std / sqrt(n), the std over the n
     tasks with ddof=0 as in Finn's code; NaN for one task) over tasks (last axis),
     the median, and how many tasks are not finite (diverged inner SGD)."""
+    values = np.asarray(values, np.float64)  # float32 squares overflow past ~1e19
     n = values.shape[-1]
     with np.errstate(invalid="ignore"):  # inf - inf in the std of diverged tasks: NaN
         ci95 = 1.96 * values.std(-1) / np.sqrt(n) if n > 1 else np.full(values.shape[:-1], np.nan)

@@ -4,6 +4,7 @@ import contextlib
 import os
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 import ml_collections
@@ -11,6 +12,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from maml.configs import ConfigError, validate
+
+_ML_COLLECTIONS = os.path.dirname(ml_collections.__file__)
 
 config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally path:variant.", lock_config=True
@@ -53,7 +56,14 @@ def _parse_flags(argv):
     except flags.Error as e:
         fail(one_line(e))
     except (AttributeError, KeyError) as e:
-        fail(f"unknown config field {e}: the config file lists the fields there are.")
+        # An override naming no field fails inside ml_collections; the file's own
+        # code (or a file with no get_config) fails elsewhere.
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        if "get_config" in str(e):
+            fail("cannot load the --config file: it defines no get_config()")
+        if where.filename.startswith(_ML_COLLECTIONS):
+            fail(f"unknown config field {e}: the config file lists the fields there are.")
+        fail(f"cannot load the --config file: {type(e).__name__}: {one_line(e)}")
     except Exception as e:  # the config file's own code failed (SyntaxError, ...)
         fail(f"cannot load the --config file: {type(e).__name__}: {one_line(e)}")
 

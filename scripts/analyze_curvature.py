@@ -43,7 +43,13 @@ _NUM_TASKS = flags.DEFINE_integer("num_tasks", 4, "Tasks in the sampled batch.")
 _TOP_K = flags.DEFINE_integer("top_k", 5, "Number of top eigenvalues.")
 _LANCZOS_ITERS = flags.DEFINE_integer("lanczos_iters", 40, "Lanczos steps per run.")
 _NUM_PROBES = flags.DEFINE_integer("num_probes", 3, "Probes of the spectral density.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the task sample and the Lanczos vectors.")
+_SEED = flags.DEFINE_integer(
+    "seed",
+    0,
+    "Seed of the task sample and the Lanczos vectors.",
+    lower_bound=0,
+    upper_bound=2**63 - 1,
+)
 
 
 def analyze(exp, params, *, num_tasks, top_k, num_iters, num_probes, seed) -> dict:

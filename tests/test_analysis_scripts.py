@@ -165,6 +165,14 @@ def test_meta_gradient_rejects_bad_flags(tmp_path, flag, expected):
     assert stderr.startswith(f"error: {expected}")
 
 
+@pytest.mark.parametrize("seed", [-1, 2**64])
+def test_analyze_curvature_refuses_a_seed_no_key_takes(tmp_path, seed):
+    args = f"--output_dir={tmp_path}", f"--seed={seed}"
+    code, _, stderr = finish(start("analyze_curvature.py", *args))
+    assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert stderr.startswith("error: flag --seed=") and "Traceback" not in stderr
+
+
 def test_analyze_curvature_refuses_top_k_past_the_parameters(workdir, tmp_path):
     flags = "--top_k=1800", "--lanczos_iters=1800", f"--output_dir={tmp_path}"
     code, _, stderr = finish(start("analyze_curvature.py", f"--workdir={workdir}", *flags))

@@ -211,6 +211,13 @@ def test_corrupt_config_json_fails_in_one_line(tmp_path):
     [
         ("def get_config(:\n", "cannot load the --config file: SyntaxError"),
         ("def get_config():\n    return 5\n", "get_config() returned int, not a ConfigDict"),
+        # Not "unknown config field": the file's own error, or no get_config at all.
+        (
+            "import os\ndef get_config():\n    return os.no_such_name\n",
+            "cannot load the --config file: AttributeError: module 'os' has no attribute",
+        ),
+        ("x = {}['k']\n", "cannot load the --config file: KeyError"),
+        ("x = 1\n", "cannot load the --config file: it defines no get_config()"),
     ],
 )
 def test_broken_config_file_fails_in_one_line(tmp_path, source, expected):

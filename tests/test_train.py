@@ -408,6 +408,9 @@ def test_summary_counts_diverged_tasks_and_keeps_the_median_finite():
     assert np.isnan(s["mean"][1])
     # One task has no spread to estimate: no interval, rather than a width of 0.
     assert np.isnan(train.summarize(np.array([[0.7]]))["ci95"][0])
+    # Large but finite float32 losses: their squares overflow float32, not the interval.
+    big = train.summarize(np.array([[1e30, 3e34, 2e34, 5e33]], np.float32))
+    assert np.isfinite(big["ci95"][0]) and big["ci95"][0] == pytest.approx(1.1685e34, rel=1e-3)
     table = evaluate.format_table(
         {"metric": "mse", "num_tasks": 5, "results": {"5": {"inner_steps": [0, 1], **s}}}
     )
