@@ -443,10 +443,12 @@ def restore_latest(manager: ocp.CheckpointManager, target: TrainState) -> TrainS
     try:
         return manager.restore(step, args=ocp.args.StandardRestore(abstract))
     except Exception as e:  # orbax raises many types for a bad or foreign checkpoint
+        # The first line, without tensorstore's spec (several KB of JSON).
+        reason = (str(e).splitlines() or [""])[0].split(" [tensorstore_spec")[0][:300]
         raise CheckpointError(
             f"cannot restore checkpoint {manager.directory}/{step} ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); it is corrupt or from another "
-            "config: delete it or use another --workdir."
+            f"{reason}); it is corrupt or from another config: delete it or use another "
+            "--workdir."
         ) from e
 
 

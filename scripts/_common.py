@@ -1,6 +1,7 @@
 """What the scripts share: config flags, and turning user errors into one line and exit 2."""
 
 import contextlib
+import logging as std_logging
 import os
 import signal
 import sys
@@ -82,6 +83,12 @@ def _raise_terminated(signum, frame):
     raise Terminated
 
 
+def _drop_closed_event_loop(unraisable) -> None:
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+        sys.__unraisablehook__(unraisable)
+
+
 def run(main) -> None:
     """``absl.app.run`` with flag errors (bad --config, bad override) as exit status 2.
 
@@ -92,6 +99,11 @@ def run(main) -> None:
     SIGINT ignored.
     """
     signal.signal(signal.SIGTERM, _raise_terminated)
+    # A failed orbax restore leaves its other reads running: as they finish they
+    # report "Event loop is closed" (unraisable) and unretrieved task errors
+    # (asyncio's logger), dozens of tracebacks around the one-line error.
+    sys.unraisablehook = _drop_closed_event_loop
+    std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
     try:
         app.run(main, flags_parser=_parse_flags)
     except Terminated:

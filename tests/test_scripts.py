@@ -170,6 +170,23 @@ def test_scripts_on_another_runs_checkpoint_fail_in_one_line(tmp_path, script, o
     assert expected in result.stderr
 
 
+def test_corrupt_checkpoint_fails_in_one_short_line(tmp_path):
+    args = [f"--config={CONFIG}:tiny", f"--workdir={tmp_path}", "--config.checkpoint_every=50"]
+    assert run(*args, "--config.num_steps=100").returncode == 0
+    (tmp_path / "checkpoints" / "100" / "default" / "manifest.ocdbt").write_text("x")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "evaluate.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    # Not dozens of "Event loop is closed" tracebacks from orbax's other reads, nor
+    # tensorstore's spec (several KB of JSON) in the message.
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert "cannot restore checkpoint" in result.stderr and len(result.stderr) < 800
+
+
 def test_train_script_rejects_a_file_as_workdir(tmp_path):
     path = tmp_path / "notes.txt"
     path.write_text("")
