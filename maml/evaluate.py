@@ -32,6 +32,9 @@ def evaluate(
     # validation step used during training.
     eval_key = jax.random.fold_in(eval_key, 2**31 - 2)
     steps = list(range(config.eval_inner_steps + 1))
+    # Batch b of the tasks is drawn from fold_in(key, b): the batch size is part of
+    # which tasks these are (the device count is not).
+    batch_size = min(config.num_eval_tasks, config.get("eval_batch_size", 100))
     results = {}
     for shots in config.eval_shots:
         task = _with_shots(exp.task, shots, config)
@@ -43,7 +46,7 @@ def evaluate(
             num_tasks=config.num_eval_tasks,
             inner_lr=config.get("eval_inner_lr", config.inner_lr),
             num_inner_steps=config.eval_inner_steps,
-            batch_size=min(config.num_eval_tasks, config.get("eval_batch_size", 100)),
+            batch_size=batch_size,
             progress=f"{config.task} K={shots}",
         )
         results[str(shots)] = {"inner_steps": steps, **summarize(values)}
@@ -51,6 +54,7 @@ def evaluate(
         "metric": exp.task.metric,
         "num_tasks": config.num_eval_tasks,
         "test_seed": seed,
+        "test_batch_size": batch_size,
         "checkpoint": checkpoint,
         "checkpoint_step": step,
         "results": results,

@@ -373,6 +373,9 @@ def test_eval_seed_draws_the_same_test_tasks_for_runs_of_any_seed(tmp_path):
     assert means(eval_seed=0) == (0, own)
     other_seed, other = means(eval_seed=3)
     assert other_seed == 3 and other != own
+    # The batch size is part of the draw, and recorded: a different one, other tasks.
+    result = evaluate.evaluate(tiny(eval_batch_size=3), tmp_path)
+    assert result["test_batch_size"] == 3 and result["results"]["5"]["mean"] != own
     with pytest.raises(ConfigError, match="config.eval_seed=-1"):
         validate(tiny(eval_seed=-1))
 
