@@ -180,24 +180,17 @@ def test_analyze_curvature_refuses_top_k_past_the_parameters(workdir, tmp_path):
     assert stderr.startswith("error: --top_k=1800 must not exceed the 1761 parameters")
 
 
-def test_meta_gradient_checks_float32_conv_net_against_float64(cache_dir, tmp_path):
-    # A float32 central difference at eps=1e-2 read ~100% error on this correct gradient.
-    config = str(ROOT / "maml" / "configs" / "omniglot.py") + ":tiny"
-    args = f"--config={config}", f"--config.cache_dir={cache_dir}", "--num_tasks=2"
-    args += "--inner_steps=1,2", "--repeats=1", f"--output_dir={tmp_path}"
-    process = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "meta_gradient.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert process.returncode == 0, process.stderr[-2000:]
+def test_meta_gradient_checks_float32_against_a_float64_reference(tmp_path):
+    # A float32 central difference (eps 1e-2) read 2.5e-5 here, and ~100% error on the
+    # Omniglot conv net's correct gradient; the float64 one of the same params, 2e-7.
+    args = "--nox64", "--inner_steps=2", "--num_tasks=2", "--repeats=1", f"--output_dir={tmp_path}"
+    code, _, stderr = finish(start("meta_gradient.py", *args))
+    assert code == 0, stderr
     report = json.loads((tmp_path / "meta_gradient.json").read_text())
     assert report["dtype"] == "float32"
-    for r in report["results"]:
-        check = r["finite_difference"]
-        assert check["passed"] and check["relative_error"] < 1e-3, check
+    (result,) = report["results"]
+    check = result["finite_difference"]
+    assert check["passed"] and check["relative_error"] < 1e-5, check
 
 
 def test_meta_gradient_takes_the_largest_seed(tmp_path):

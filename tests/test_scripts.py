@@ -172,8 +172,8 @@ def test_scripts_on_another_runs_checkpoint_fail_in_one_line(tmp_path, script, o
 
 def test_corrupt_checkpoint_fails_in_one_short_line(tmp_path):
     args = [f"--config={CONFIG}:tiny", f"--workdir={tmp_path}", "--config.checkpoint_every=50"]
-    assert run(*args, "--config.num_steps=100").returncode == 0
-    (tmp_path / "checkpoints" / "100" / "default" / "manifest.ocdbt").write_text("x")
+    assert run(*args, "--config.num_steps=50").returncode == 0
+    (tmp_path / "checkpoints" / "50" / "default" / "manifest.ocdbt").write_text("x")
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "evaluate.py"), *args],
         capture_output=True,
