@@ -48,7 +48,7 @@ _SEED = flags.DEFINE_integer(
     0,
     "Seed of the task sample and the Lanczos vectors.",
     lower_bound=0,
-    upper_bound=2**63 - 1,
+    upper_bound=2**32 - 1,
 )
 
 

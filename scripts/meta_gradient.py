@@ -263,7 +263,7 @@ def main(argv):
             inner_steps=inner_steps,
             repeats=_REPEATS.value,
             fd_eps=_FD_EPS.value,
-            key=jax.random.key((config.seed + 1) % 2**63),  # seeds end at 2**63 - 1
+            key=jax.random.key((config.seed + 1) % 2**32),  # seeds end at 2**32 - 1
         )
     report = {
         "config_name": config_name,

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import ml_collections
+import numpy as np
 import pytest
 
 from maml.configs import ConfigError, sinusoid, validate
@@ -39,19 +40,40 @@ CONFIG = str(ROOT / "maml" / "configs" / "sinusoid.py")
         ("task", "mnist", "one of sinusoid, omniglot"),
         ("model", "resnet", "one of mlp, convnet"),
         ("model", "convnet", "invalid with config.task='sinusoid': it must be 'mlp'"),
-        ("seed", 2**64, "an integer from 0 to 2**63 - 1"),
+        ("seed", 2**32, "an integer from 0 to 2**32 - 1"),
         ("inner_lr", float("inf"), "finite positive number"),
         ("hidden_sizes", (40, 0), "tuple of positive integers"),
+        ("eval_seed", 2**32 + 7, "an integer from 0 to 2**32 - 1"),  # would repeat seed 7
+        ("eval_shots", 5, "non-empty tuple"),  # an int from a config file, not a traceback
+        ("num_steps", np.int64(100), "(a Python int or float, not numpy's int64)"),
     ],
 )
 def test_validate_names_field_value_and_what_is_allowed(field, value, allowed):
-    config = sinusoid.get_config()
-    config[field] = value
+    # As a config file may build it: a new ConfigDict, whose fields take any type.
+    config = ml_collections.ConfigDict({**sinusoid.get_config().to_dict(), field: value})
     with pytest.raises(ConfigError) as e:
         validate(config)
     message = str(e.value)
     assert f"config.{field}={value!r}" in message and allowed in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({"num_ways": 1}, "config.num_ways=1 is invalid: it must be an integer of at least 2"),
+        ({"num_validation_classes": 50}, "applies to split_protocol='background' only"),
+        (
+            {"split_protocol": "background", "num_validation_classes": 1200},
+            "config.num_validation_classes=1200 is invalid: it must be at most 963",
+        ),
+    ],
+)
+def test_validate_omniglot_classes(overrides, expected):
+    config = omniglot_configs.get_config()
+    config.update(overrides)
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        validate(config)
 
 
 @pytest.mark.parametrize(

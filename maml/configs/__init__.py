@@ -3,6 +3,7 @@
 import math
 
 import ml_collections
+import numpy as np
 
 ALGORITHMS = ("maml", "fomaml", "imaml", "pretrain")
 # The model each task family runs, and a field every config of the family has.
@@ -19,6 +20,8 @@ def _check(config, name, ok, allowed):
         return
     value = config[name]
     if not ok(value):
+        if isinstance(value, np.generic):  # from a config file's numpy arithmetic
+            allowed += f" (a Python int or float, not numpy's {type(value).__name__})"
         raise ConfigError(f"config.{name}={value!r} is invalid: it must be {allowed}.")
 
 
@@ -37,8 +40,8 @@ def _is_rate(v):
         return False
 
 
-def _is_seed(v):  # JAX's and NNX's keys take 64-bit signed seeds
-    return _is_int(v) and 0 <= v < 2**63
+def _is_seed(v):  # without x64, JAX's and NNX's keys keep a seed's low 32 bits only
+    return _is_int(v) and 0 <= v < 2**32
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -54,21 +57,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "num_support",
         "num_query",
         "eval_num_query",
-        "num_ways",
         "num_shots",
         "eval_batch_size",
         "imaml_cg_steps",
     ):
         _check(config, name, lambda v: _is_int(v) and v > 0, "a positive integer")
+    # One class is no classification: its loss and gradient are 0, its accuracy 100%.
+    _check(config, "num_ways", lambda v: _is_int(v) and v >= 2, "an integer of at least 2")
     for name in ("num_inner_steps", "eval_inner_steps", "eval_every", "eval_report_step"):
         _check(config, name, lambda v: _is_int(v) and v >= 0, "a non-negative integer")
     for name in ("seed", "split_seed"):
-        _check(config, name, _is_seed, "an integer from 0 to 2**63 - 1")
+        _check(config, name, _is_seed, "an integer from 0 to 2**32 - 1")
     _check(
         config,
         "eval_seed",
         lambda v: v is None or _is_seed(v),
-        "an integer from 0 to 2**63 - 1 (unset: config.seed)",
+        "an integer from 0 to 2**32 - 1 (unset: config.seed)",
     )
     for name in ("inner_lr", "outer_lr", "eval_inner_lr", "imaml_lambda"):
         _check(config, name, _is_rate, "a finite positive number")
@@ -104,7 +108,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(
         config,
         "eval_shots",
-        lambda v: len(v) > 0 and all(_is_int(k) and k > 0 for k in v),
+        lambda v: (
+            isinstance(v, tuple | list) and len(v) > 0 and all(_is_int(k) and k > 0 for k in v)
+        ),
         "a non-empty tuple of positive integers",
     )
     _check(
@@ -145,10 +151,23 @@ def _check_omniglot(config) -> None:
                 f"has {omniglot.NUM_DRAWINGS} drawings per character, so it must be at most "
                 f"{omniglot.NUM_DRAWINGS}."
             )
+    num_validation = config.get("num_validation_classes", omniglot.FINN_NUM_VALIDATION)
+    if config.split_protocol == "finn" and num_validation != omniglot.FINN_NUM_VALIDATION:
+        raise ConfigError(
+            f"config.num_validation_classes={num_validation!r} is invalid with "
+            f"split_protocol='finn', which holds out {omniglot.FINN_NUM_VALIDATION}: it "
+            "applies to split_protocol='background' only."
+        )
+    if not num_validation < omniglot.NUM_BACKGROUND_CHARACTERS:
+        raise ConfigError(
+            f"config.num_validation_classes={num_validation!r} is invalid: it must be at most "
+            f"{omniglot.NUM_BACKGROUND_CHARACTERS - 1}, leaving the background split's "
+            f"{omniglot.NUM_BACKGROUND_CHARACTERS} characters one to train on."
+        )
     sizes = omniglot.split_character_ids(
         protocol=config.split_protocol,
         split_seed=config.split_seed,
-        num_validation_classes=config.get("num_validation_classes", omniglot.FINN_NUM_VALIDATION),
+        num_validation_classes=num_validation,
     )
     factor = 4 if config.rotate == "new_classes" else 1
     used = ("train", "validation", "test") if config.get("eval_every", 0) else ("train", "test")
