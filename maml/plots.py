@@ -7,11 +7,19 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from maml import core  # noqa: E402
+
+ALGORITHM_TITLES = {
+    "maml": "MAML",
+    "fomaml": "first-order MAML",
+    "imaml": "iMAML",
+    "pretrain": "pretrained",
+}
 
 
 def training_curves(records: list[dict], path: Path) -> None:
@@ -74,7 +82,8 @@ def sinusoid_adaptation(exp, params, key, path: Path, *, steps=(1, 10)) -> None:
         zorder=3,
         label=f"{support[0].shape[0]} points used for grad",
     )
-    ax.set_title(f"MAML, K={support[0].shape[0]}")
+    algorithm = exp.config.get("algorithm", "maml")
+    ax.set_title(f"{ALGORITHM_TITLES.get(algorithm, algorithm)}, K={support[0].shape[0]}")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -85,10 +94,30 @@ def adaptation_curves(evaluation: dict, path: Path) -> None:
     """Finn et al.'s Figure 3: the metric (mean, 95% CI) against inner steps, one line per K."""
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for shots, r in evaluation["results"].items():
-        mean, ci = jnp.asarray(r["mean"]), jnp.asarray(r["ci95"])
-        ax.errorbar(
-            r["inner_steps"], mean, yerr=ci, capsize=2, marker="o", ms=3, label=f"K={shots}"
+        # From eval.json a value that is not finite is null; in memory, inf or NaN.
+        mean, ci = (
+            np.array([math.nan if v is None else v for v in r[k]], float) for k in ("mean", "ci95")
         )
+        steps = np.asarray(r["inner_steps"])
+        line = ax.errorbar(
+            steps,
+            mean,
+            yerr=np.where(np.isfinite(ci), ci, np.nan),  # never a bar of 0 for an unknown CI
+            capsize=2,
+            marker="o",
+            ms=3,
+            label=f"K={shots}",
+        )
+        diverged = ~np.isfinite(mean)
+        if diverged.any():  # otherwise these steps would silently vanish from the plot
+            ax.plot(
+                steps[diverged],
+                np.full(diverged.sum(), 0.97),
+                "x",
+                color=line[0].get_color(),
+                transform=ax.get_xaxis_transform(),  # y in axes units: the top edge
+                label=f"K={shots}: mean not finite (diverged tasks)",
+            )
     ax.set_xlabel("inner gradient steps")
     ax.set_ylabel(evaluation["metric"])
     ax.set_title(f"{evaluation['num_tasks']} test tasks, 95% CI")

@@ -25,7 +25,8 @@ flags.DEFINE_integer(
     None,
     "On the CPU backend, split the cores into this many XLA devices and shard the "
     "tasks over them (config.meta_batch_size must divide by it). 2 on a 2-core "
-    "machine ran the Omniglot meta-step 10-15% faster than 1. Unset: JAX's default "
+    "machine ran the Omniglot meta-step 10-15% faster than 1 in paired runs (not in "
+    "every run). Unset: JAX's default "
     "(1, or XLA_FLAGS=--xla_force_host_platform_device_count).",
     lower_bound=1,
 )

@@ -161,7 +161,8 @@ def print_table(report) -> None:
         f"{report['config_name']}: {report['num_params']} params ({report['dtype']}, "
         f"{report['params_source']}), {report['num_tasks']} tasks, {report['backend']}"
     )
-    header = f"{'K':>3} {'method':<12} {'time ms':>9} {'temp MB':>9} {'norm':>10} {'cos exact':>10}"
+    header = f"{'K':>3} {'method':<12} {'time ms':>9} {'temp MiB':>9} {'norm':>10}"
+    header += f" {'cos exact':>10}"
     print(header)
     for r in report["results"]:
         for name, m in r["methods"].items():

@@ -573,3 +573,23 @@ def test_nonfinite_metrics_are_logged_as_null_and_plotted_as_gaps(tmp_path):
     assert json.loads(written[1])["val_mse"] is None and json.loads(written[2])["loss"] is None
     plots.training_curves([json.loads(line) for line in written], tmp_path / "t.png")
     assert (tmp_path / "t.png").stat().st_size > 0
+
+
+def test_figure_3_marks_diverged_steps_from_memory_or_eval_json(tmp_path, monkeypatch):
+    inf = float("inf")
+    results = {
+        "5": {"inner_steps": [0, 1, 2], "mean": [3.0, 0.5, inf], "ci95": [0.2, inf, 0.1]},
+        "10": {"inner_steps": [0, 1, 2], "mean": [3.0, 0.4, None], "ci95": [0.2, None, None]},
+    }
+    figures = []
+    monkeypatch.setattr(plots.plt, "close", figures.append)
+    evaluation = {"metric": "mse", "num_tasks": 5, "results": results}
+    plots.adaptation_curves(evaluation, tmp_path / "e.png")
+    assert (tmp_path / "e.png").stat().st_size > 0
+    (ax,) = figures[0].axes
+    marks = {line.get_label(): list(line.get_xdata()) for line in ax.lines}
+    marks = {label: x for label, x in marks.items() if "diverged" in label}
+    assert marks == {
+        "K=5: mean not finite (diverged tasks)": [2],
+        "K=10: mean not finite (diverged tasks)": [2],
+    }
