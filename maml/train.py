@@ -33,6 +33,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from maml import analysis, core
@@ -577,6 +578,11 @@ def _truncate_metrics(path: Path, step: int) -> None:
         tmp.replace(path)
 
 
+def _any_process(flag: bool) -> bool:
+    """Whether ``flag`` is set in any process (a collective: every process must call it)."""
+    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
 @contextlib.contextmanager
 def _signals_deferred():
     """Holds SIGINT and SIGTERM back until the block ends, then delivers them.
@@ -586,13 +592,13 @@ def _signals_deferred():
     loop with neither the old state nor the new one to save.
     """
     if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread receives signals in Python
+        yield []  # only the main thread receives signals in Python
         return
     received = []
     held = (signal.SIGINT, signal.SIGTERM)
     previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in held}
     try:
-        yield
+        yield received
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -710,85 +716,99 @@ def _train_and_evaluate(
                 f.write(json.dumps(finite_or_null(record), allow_nan=False) + "\n")
 
     logged, metrics = start, None
-    try:
-        while int(state.step) < config.num_steps:
-            step = int(state.step)
-            # Chunks end on multiples of log_every, so a resumed run replays the
-            # same chunk boundaries (and so the same computation) as an
-            # uninterrupted one.
-            num = min(config.log_every - step % config.log_every, config.num_steps - step)
-            with _signals_deferred():
-                state, metrics = train_chunk(state, num)
-            metrics = jax.device_get(metrics)
-            step += num
-            record = chunk_record(step, metrics)
-            bad = first_nonfinite(metrics)
-            if bad is not None:
-                # The state is lost to NaN; keep every checkpoint from before it.
-                log(record)
-                manager.wait_until_finished()
-                if keep_best:
-                    best.wait_until_finished()
-                bar.close()
-                saved = manager.latest_step()
-                then = (
-                    f"the latest checkpoint is step {saved}. Lower config.outer_lr or "
-                    "config.inner_lr and run again with --allow_config_change to resume from it."
-                    if saved is not None
-                    else "and no checkpoint was saved before it. Lower config.outer_lr or "
-                    "config.inner_lr and run again."
-                )
-                raise DivergedError(
-                    f"meta-training diverged: loss or gradient not finite at step "
-                    f"{step - num + bad + 1}; nothing after it was saved, {then}"
-                )
-            if val_task is not None and step % config.eval_every == 0:
-                curve = validation_curve(
-                    state.params, jax.random.fold_in(eval_key, step), num_tasks=config.num_val_tasks
-                )
-                record[f"val_{val_task.metric}"] = float(curve[-1].mean())
-            # An interrupt inside orbax's save would surface as its traceback.
-            with _signals_deferred():
-                if keep_best and f"val_{val_task.metric}" in record:
-                    # Kept only while it is the best validation so far.
-                    best.save(
-                        step,
-                        args=ocp.args.StandardSave(state),
-                        metrics={f"val_{val_task.metric}": record[f"val_{val_task.metric}"]},
+    # With several processes a signal reaches one (Ctrl-C on one host) or each at
+    # its own moment (a scheduler), but the steps, the validation and the saves are
+    # collective: each process holds signals back for the whole loop, and after each
+    # chunk they agree whether to stop, so that all save the same step together.
+    multiprocess = jax.process_count() > 1
+    deferred = contextlib.nullcontext if multiprocess else _signals_deferred
+    # Also held through the save after an interrupt: a second signal (a scheduler's
+    # to each process, a moment apart) would abort one process's part of it.
+    with _signals_deferred() if multiprocess else contextlib.nullcontext([]) as received:
+        try:
+            while int(state.step) < config.num_steps:
+                step = int(state.step)
+                # Chunks end on multiples of log_every, so a resumed run replays the
+                # same chunk boundaries (and so the same computation) as an
+                # uninterrupted one.
+                num = min(config.log_every - step % config.log_every, config.num_steps - step)
+                with deferred():
+                    state, metrics = train_chunk(state, num)
+                metrics = jax.device_get(metrics)
+                step += num
+                record = chunk_record(step, metrics)
+                bad = first_nonfinite(metrics)
+                if bad is not None:
+                    # The state is lost to NaN; keep every checkpoint from before it.
+                    log(record)
+                    manager.wait_until_finished()
+                    if keep_best:
+                        best.wait_until_finished()
+                    bar.close()
+                    saved = manager.latest_step()
+                    then = (
+                        f"the latest checkpoint is step {saved}. Lower config.outer_lr or "
+                        "config.inner_lr and run again with --allow_config_change to resume "
+                        "from it."
+                        if saved is not None
+                        else "and no checkpoint was saved before it. Lower config.outer_lr or "
+                        "config.inner_lr and run again."
                     )
-                log(record)
-                logged = step
-                if step % config.checkpoint_every == 0 or step == config.num_steps:
-                    manager.save(step, args=ocp.args.StandardSave(state))
-            bar.update(num)
-            bar.set_postfix(
-                {
-                    k: f"{v:.4g}"
-                    for k, v in record.items()
-                    if k not in ("step", "wall_s", "grad_norm")
-                }
-            )
-    except KeyboardInterrupt:
-        # The state returned by the last dispatched chunk is whole once it is
-        # computed; keep it so that no finished work is lost.
-        step = int(state.step)
-        if step > logged:  # interrupted between the chunk and its log line
-            log(chunk_record(step, metrics))  # without the validation, if one was due
-        manager.wait_until_finished()
-        # A save orbax has begun is listed already; closing the manager waits for it.
-        if step not in manager.all_steps():  # not already saved just before the interrupt
-            manager.save(step, args=ocp.args.StandardSave(state), force=True)
+                    raise DivergedError(
+                        f"meta-training diverged: loss or gradient not finite at step "
+                        f"{step - num + bad + 1}; nothing after it was saved, {then}"
+                    )
+                if val_task is not None and step % config.eval_every == 0:
+                    curve = validation_curve(
+                        state.params,
+                        jax.random.fold_in(eval_key, step),
+                        num_tasks=config.num_val_tasks,
+                    )
+                    record[f"val_{val_task.metric}"] = float(curve[-1].mean())
+                # An interrupt inside orbax's save would surface as its traceback.
+                with deferred():
+                    if keep_best and f"val_{val_task.metric}" in record:
+                        # Kept only while it is the best validation so far.
+                        best.save(
+                            step,
+                            args=ocp.args.StandardSave(state),
+                            metrics={f"val_{val_task.metric}": record[f"val_{val_task.metric}"]},
+                        )
+                    log(record)
+                    logged = step
+                    if step % config.checkpoint_every == 0 or step == config.num_steps:
+                        manager.save(step, args=ocp.args.StandardSave(state))
+                bar.update(num)
+                bar.set_postfix(
+                    {
+                        k: f"{v:.4g}"
+                        for k, v in record.items()
+                        if k not in ("step", "wall_s", "grad_norm")
+                    }
+                )
+                if multiprocess and _any_process(bool(received)):
+                    raise KeyboardInterrupt  # on leaving the block, the signal received, if any
+        except KeyboardInterrupt:
+            # The state returned by the last dispatched chunk is whole once it is
+            # computed; keep it so that no finished work is lost.
+            step = int(state.step)
+            if step > logged:  # interrupted between the chunk and its log line
+                log(chunk_record(step, metrics))  # without the validation, if one was due
             manager.wait_until_finished()
-        if keep_best:
-            best.wait_until_finished()
-        bar.close()
-        if is_main:
-            print(
-                f"interrupted: saved a checkpoint at step {step} in {workdir};"
-                " run the same command again to resume",
-                file=sys.stderr,
-            )
-        raise
+            # A save orbax has begun is listed already; closing the manager waits for it.
+            if step not in manager.all_steps():  # not already saved just before the interrupt
+                manager.save(step, args=ocp.args.StandardSave(state), force=True)
+                manager.wait_until_finished()
+            if keep_best:
+                best.wait_until_finished()
+            bar.close()
+            if is_main:
+                print(
+                    f"interrupted: saved a checkpoint at step {step} in {workdir};"
+                    " run the same command again to resume",
+                    file=sys.stderr,
+                )
+            raise
     manager.wait_until_finished()
     bar.close()
     if keep_best:

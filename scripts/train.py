@@ -39,6 +39,13 @@ flags.DEFINE_integer("process_id", None, "This process's rank, 0..num_processes-
 def main(argv):
     del argv
     config = _common.checked_config()
+    given = [
+        f"--{n}"
+        for n in ("coordinator_address", "num_processes", "process_id")
+        if flags.FLAGS[n].present
+    ]
+    if given and not flags.FLAGS.multihost:  # else each host would train alone into one workdir
+        _common.fail(f"{', '.join(given)} without --multihost: add --multihost")
     if flags.FLAGS.multihost:
         import jax
 

@@ -2,9 +2,11 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,9 @@ config.update(num_steps=20, log_every=10, checkpoint_every=20, meta_batch_size=8
 state = train.train_and_evaluate(config, sys.argv[1])
 assert len(state.params["layers"][0]["kernel"].sharding.device_set) == jax.device_count()
 exp = train.build_experiment(config)
+if jax.device_count() > 1:  # the tasks are split, not each device doing all of them
+    chunk = train.make_train_chunk(exp, train.root_keys(config.seed)[0])
+    assert "all-reduce" in chunk.lower(state, 1).compile().as_text()
 # Evaluation needs no meta-batch that the devices divide (6 over 4).
 config.meta_batch_size = 6
 assert train.restore_params(config, sys.argv[1])[2] == 20
@@ -151,3 +156,39 @@ def test_two_processes_match_one_process_on_two_devices(tmp_path):
         [r["val_mse"] for r in records["single"]],
         rtol=1e-5,
     )
+
+
+def test_a_signal_to_one_process_stops_all_at_one_saved_step(tmp_path):
+    # Ctrl-C on one host (or a scheduler's SIGTERM reaching ranks a moment apart):
+    # the processes used to stop at different points of collective work and hang.
+    address = f"localhost:{free_port()}"
+    flags = f"--coordinator_address={address}", "--num_processes=2", "--cpu_devices=1"
+    long_run = "--config.num_steps=1000000", "--config.checkpoint_every=1000000"
+    processes = [
+        train_script(tmp_path, "--multihost", *flags, f"--process_id={rank}", *long_run)
+        for rank in (0, 1)
+    ]
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in processes)
+        time.sleep(0.5)
+    processes[0].send_signal(signal.SIGTERM)
+    try:
+        errors = [p.communicate(timeout=120)[1] for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    assert [p.returncode for p in processes] == [143, 130], errors[0][-2000:] + errors[1][-2000:]
+    step = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    assert f"interrupted: saved a checkpoint at step {step}" in errors[0]
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [step]
+
+
+def test_process_flags_without_multihost_are_refused(tmp_path):
+    # Each host would otherwise train alone, as process 0, into the shared workdir.
+    process = train_script(tmp_path, "--num_processes=2", "--process_id=1")
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 2 and not (tmp_path / "metrics.jsonl").exists()
+    expected = "error: --num_processes, --process_id without --multihost: add --multihost"
+    assert stderr.strip() == expected
