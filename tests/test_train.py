@@ -593,3 +593,12 @@ def test_figure_3_marks_diverged_steps_from_memory_or_eval_json(tmp_path, monkey
         "K=5: mean not finite (diverged tasks)": [2],
         "K=10: mean not finite (diverged tasks)": [2],
     }
+
+
+@pytest.mark.parametrize("algorithm, title", [("maml", "MAML"), ("pretrain", "pretrained")])
+def test_figure_2_names_the_algorithm(tmp_path, monkeypatch, algorithm, title):
+    exp = train.build_experiment(tiny(algorithm=algorithm))
+    figures = []
+    monkeypatch.setattr(plots.plt, "close", figures.append)
+    plots.sinusoid_adaptation(exp, exp.init_params, jax.random.key(0), tmp_path / "a.png")
+    assert figures[0].axes[0].get_title() == f"{title}, K={exp.task.num_support}"
