@@ -599,6 +599,10 @@ def _signals_deferred():
     previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in held}
     try:
         yield received
+    except BaseException as e:
+        if not isinstance(e, KeyboardInterrupt):
+            received.clear()  # an error (divergence) ends the run: report it, not the signal
+        raise
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -792,17 +796,28 @@ def _train_and_evaluate(
             # The state returned by the last dispatched chunk is whole once it is
             # computed; keep it so that no finished work is lost.
             step = int(state.step)
+            # A chunk that diverged, interrupted before its check: its state is NaN.
+            diverged = step > logged and first_nonfinite(jax.device_get(metrics)) is not None
             if step > logged:  # interrupted between the chunk and its log line
                 log(chunk_record(step, metrics))  # without the validation, if one was due
             manager.wait_until_finished()
             # A save orbax has begun is listed already; closing the manager waits for it.
-            if step not in manager.all_steps():  # not already saved just before the interrupt
+            if diverged:
+                step = manager.latest_step()
+            elif step not in manager.all_steps():  # not already saved just before the interrupt
                 manager.save(step, args=ocp.args.StandardSave(state), force=True)
                 manager.wait_until_finished()
             if keep_best:
                 best.wait_until_finished()
             bar.close()
-            if is_main:
+            if is_main and diverged:
+                kept = "no checkpoint" if step is None else f"the latest checkpoint is step {step}"
+                print(
+                    "interrupted: the last chunk diverged (loss or gradient not finite) and "
+                    f"was not saved; {kept} in {workdir}",
+                    file=sys.stderr,
+                )
+            elif is_main:
                 print(
                     f"interrupted: saved a checkpoint at step {step} in {workdir};"
                     " run the same command again to resume",

@@ -104,7 +104,9 @@ def run(main) -> None:
     # report "Event loop is closed" (unraisable) and unretrieved task errors
     # (asyncio's logger), dozens of tracebacks around the one-line error.
     sys.unraisablehook = _drop_closed_event_loop
-    std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
+    std_logging.getLogger("asyncio").addFilter(
+        lambda record: not record.getMessage().startswith("Task exception was never retrieved")
+    )
     try:
         app.run(main, flags_parser=_parse_flags)
     except Terminated:

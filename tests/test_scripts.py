@@ -46,6 +46,7 @@ CONFIG = str(ROOT / "maml" / "configs" / "sinusoid.py")
         ("eval_seed", 2**32 + 7, "an integer from 0 to 2**32 - 1"),  # would repeat seed 7
         ("eval_shots", 5, "non-empty tuple"),  # an int from a config file, not a traceback
         ("num_steps", np.int64(100), "(a Python int or float, not numpy's int64)"),
+        ("inner_lr", np.float64(-1.0), "finite positive number."),  # the sign, not the type
     ],
 )
 def test_validate_names_field_value_and_what_is_allowed(field, value, allowed):

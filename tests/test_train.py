@@ -380,6 +380,45 @@ def test_eval_seed_draws_the_same_test_tasks_for_runs_of_any_seed(tmp_path):
         validate(tiny(eval_seed=-1))
 
 
+def test_an_error_while_signals_are_held_is_what_propagates():
+    # Multi-process runs hold signals for the whole loop: a divergence with a signal
+    # pending must end as the divergence (each process exits 2), not as the signal.
+    with pytest.raises(ValueError, match="diverged"):
+        with train._signals_deferred():
+            signal.raise_signal(signal.SIGINT)
+            raise ValueError("diverged")
+    with pytest.raises(KeyboardInterrupt):
+        with train._signals_deferred():
+            signal.raise_signal(signal.SIGINT)
+
+
+def test_an_interrupt_in_a_diverging_chunk_saves_no_nan_checkpoint(tmp_path, monkeypatch, capsys):
+    # The signal is held through the chunk and raised before its finiteness check,
+    # which the interrupt's save skipped: it saved the NaN state.
+    make_train_chunk = train.make_train_chunk
+
+    def interrupted_chunk(*args):
+        chunk = make_train_chunk(*args)
+
+        def run(state, num):
+            state, metrics = chunk(state, num)
+            if int(state.step) > 10:  # the second chunk diverges, and Ctrl-C comes
+                metrics = jax.tree.map(lambda m: m * np.nan, metrics)
+                signal.raise_signal(signal.SIGINT)
+            return state, metrics
+
+        return run
+
+    monkeypatch.setattr(train, "make_train_chunk", interrupted_chunk)
+    config = tiny(num_steps=40, log_every=10, checkpoint_every=10)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(config, tmp_path)
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [10]
+    assert "the last chunk diverged" in capsys.readouterr().err
+    _, params, step = train.restore_params(config, tmp_path)
+    assert step == 10 and all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
+
+
 def test_divergence_stops_the_run_and_keeps_the_checkpoints_before_it(tmp_path):
     # An outer lr of 10 sends the sinusoid net's loss to inf within a few steps.
     config = tiny(num_steps=20, log_every=1, checkpoint_every=1, outer_lr=10.0)

@@ -20,7 +20,7 @@ def _check(config, name, ok, allowed):
         return
     value = config[name]
     if not ok(value):
-        if isinstance(value, np.generic):  # from a config file's numpy arithmetic
+        if isinstance(value, np.generic) and ok(value.item()):  # a config file's numpy
             allowed += f" (a Python int or float, not numpy's {type(value).__name__})"
         raise ConfigError(f"config.{name}={value!r} is invalid: it must be {allowed}.")
 
