@@ -587,6 +587,10 @@ def _any_process(flag: bool) -> bool:
 def _signals_deferred():
     """Holds SIGINT and SIGTERM back until the block ends, then delivers them.
 
+    Yields the list of signals held so far. If the block raises anything but an
+    interrupt (a divergence, say), the held signals are dropped and that error
+    propagates instead.
+
     ``train_chunk`` donates the old state: an interrupt raised after the call
     has taken its buffers but before its result is assigned would leave the
     loop with neither the old state nor the new one to save.
