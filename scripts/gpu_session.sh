@@ -43,6 +43,7 @@ ls .whl/ml_collections-*.whl >/dev/null 2>&1 && install .whl/ml_collections-*.wh
 python3 -c "from flax import nnx; nnx.List, nnx.to_pure_dict" 2>/dev/null \
   || { ls .whl/flax-*.whl >/dev/null 2>&1 && install .whl/flax-*.whl; }
 left() { echo $((budget - ($(date +%s) - start))); }
+eval_seconds() { local t=$(( $(left) - 10 )); echo $(( t > 90 ? 90 : t )); }  # what is left, at most 90
 log() { echo "[$(($(date +%s) - start))s] $*" | tee -a "$OUT/session.log"; }
 pack_logs() { tar -czf "$OUT/logs.tar.gz" -C "$work" logs; }
 
@@ -114,7 +115,7 @@ train_and_eval() {  # variant, seconds for training
   # the checkpoint still comes back.
   tar -czf "$OUT/run_$name.tar.gz" -C "$runs" "$name"
   pack_logs
-  local t=$(( $(left) - 10 )); [ "$t" -gt 90 ] && t=90
+  local t; t=$(eval_seconds)
   [ "$t" -lt 20 ] && { log "no time left to evaluate $variant"; return; }
   timeout "$t" python3 scripts/evaluate.py --config="maml/configs/omniglot.py:$variant" \
     --workdir="$dir" >"$logs/eval_$name.log" 2>&1
@@ -122,7 +123,7 @@ train_and_eval() {  # variant, seconds for training
   if [[ $variant == 20way1shot*background* ]]; then
     runs_zip=.runs/all_runs.zip
     [ -f "$runs_zip" ] || runs_zip=../shared/data/omniglot_one_shot_runs/all_runs.zip
-    t=$(( $(left) - 10 )); [ "$t" -gt 90 ] && t=90
+    t=$(eval_seconds)
     if [ "$t" -lt 20 ]; then
       log "no time left to score Lake's runs"
     else
