@@ -21,10 +21,11 @@ import numpy as np
 
 from maml import core
 from maml.tasks import omniglot
+from maml.train import summarize
 
 PyTree = Any
 
-NUM_WAYS = 20
+NUM_WAYS = omniglot.ONE_SHOT_RUN_WAYS
 # Error rates on the 20 runs (Lake, Salakhutdinov & Tenenbaum 2015, Science 350:1332).
 PUBLISHED_ERROR = {"people": 0.045, "Bayesian Program Learning": 0.033}
 PUBLISHED_SOURCE = "Lake, Salakhutdinov & Tenenbaum (2015), Science 350(6266):1332-1338"
@@ -109,7 +110,8 @@ def evaluate_runs(
 
     Returns:
       ``{"inner_steps": [0..n], "error": [overall error rate per step],
-      "num_runs": R, "num_items": R * 20, "runs": {name: [error rate per step]},
+      "ci95": [95% half-width per step], "num_runs": R, "num_items": R * 20,
+      "runs": {name: [error rate per step]},
       "published": PUBLISHED_ERROR, "published_source": ...}``.
     """
     stacked = stack_runs(runs)
@@ -138,12 +140,16 @@ def evaluate_runs(
             (stacked["query"], stacked["query_labels"]),
         )
     )  # (steps, runs, items)
+    per_run = per_item.mean(-1)
     return {
         "inner_steps": list(range(num_inner_steps + 1)),
         "error": per_item.mean(axis=(1, 2)).tolist(),
+        # Each run is one task: its half-width is over the R runs' error rates, as
+        # evaluate.py's is over tasks (1.96 std / sqrt(R), ddof=0; NaN for one run).
+        "ci95": summarize(per_run)["ci95"],
         "num_runs": per_item.shape[1],
         "num_items": per_item.shape[1] * per_item.shape[2],
-        "runs": {str(run["name"]): per_item[:, i].mean(-1).tolist() for i, run in enumerate(runs)},
+        "runs": {str(run["name"]): per_run[:, i].tolist() for i, run in enumerate(runs)},
         "published": dict(PUBLISHED_ERROR),
         "published_source": PUBLISHED_SOURCE,
     }
@@ -154,11 +160,11 @@ def format_table(result: dict, *, report_step: int | None = None) -> str:
     lines = [
         f"Lake et al.'s one-shot runs: {result['num_runs']} runs x 20-way 1-shot, "
         f"{result['num_items']} test items",
-        "steps | error",
+        "steps | error (95% CI over runs)",
     ]
-    for n, error in zip(result["inner_steps"], result["error"], strict=True):
+    for n, error, ci in zip(result["inner_steps"], result["error"], result["ci95"], strict=True):
         mark = "  <- report step" if n == report_step else ""
-        lines.append(f"{n:5d} | {100 * error:5.1f}%{mark}")
+        lines.append(f"{n:5d} | {100 * error:5.1f}% +- {100 * ci:4.1f}{mark}")
     step = result["inner_steps"][-1] if report_step is None else report_step
     cells = [f"{name} {100 * errors[step]:4.0f}%" for name, errors in result["runs"].items()]
     lines.append(f"per run after {step} steps:")

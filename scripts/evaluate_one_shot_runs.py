@@ -52,6 +52,10 @@ def main(argv):
     runs_path = Path(flags.FLAGS.runs).expanduser()
     if not runs_path.exists():
         _common.fail(f"one-shot runs not found at {runs_path}: pass --runs=PATH/all_runs.zip.")
+    try:  # before the checkpoint is restored: damaged runs fail in a second
+        runs = omniglot.load_one_shot_runs(runs_path)
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        _common.fail(f"cannot read the one-shot runs in {runs_path} ({_common.one_line(e)}).")
     workdir = Path(flags.FLAGS.workdir)
     with _common.user_errors():
         # Refuses a config whose split is not the one the model was trained on.
@@ -63,10 +67,6 @@ def main(argv):
                 "split_protocol='background' gives a fair comparison with the published numbers.",
                 file=sys.stderr,
             )
-        try:
-            runs = omniglot.load_one_shot_runs(runs_path)
-        except (zipfile.BadZipFile, KeyError, OSError, ValueError) as e:
-            _common.fail(f"cannot read the one-shot runs in {runs_path} ({_common.one_line(e)}).")
         result = one_shot_runs.evaluate_runs(
             exp,
             params,
@@ -84,7 +84,9 @@ def main(argv):
         **result,
     }
     name = "one_shot_runs" if CHECKPOINT.value == "latest" else f"one_shot_runs_{CHECKPOINT.value}"
-    (workdir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    # One run has no CI (NaN); strict JSON has no NaN.
+    text = json.dumps(train.finite_or_null(result), indent=2, allow_nan=False)
+    (workdir / f"{name}.json").write_text(text + "\n")
     print(one_shot_runs.format_table(result, report_step=config.eval_report_step))
 
 

@@ -9,6 +9,8 @@ import json
 import subprocess
 import sys
 import types
+import zipfile
+import zlib
 from pathlib import Path
 
 import jax
@@ -63,14 +65,15 @@ def test_item_errors_known_logits():
     np.testing.assert_array_equal(one_shot_runs.item_errors(tied, labels), [1, 0, 0, 0])
 
 
-def _label_in_pixel_runs(num_runs=3, num_ways=20):
-    """Runs whose images carry their label in pixel (0, 0), queries in shuffled order."""
+def _label_in_pixel_runs(num_runs=3, num_ways=20, support_offset=0.0):
+    """Runs whose images carry their label in pixel (0, 0) (support images plus
+    ``support_offset``), queries in shuffled order."""
     rng = np.random.default_rng(0)
     runs = []
     for r in range(num_runs):
         labels = rng.permutation(num_ways).astype(np.int32)
         support = np.zeros((num_ways, 28, 28, 1), np.float32)
-        support[:, 0, 0, 0] = np.arange(num_ways) / num_ways
+        support[:, 0, 0, 0] = np.arange(num_ways) / num_ways + support_offset
         query = np.zeros((num_ways, 28, 28, 1), np.float32)
         query[:, 0, 0, 0] = labels / num_ways
         runs.append(
@@ -114,6 +117,111 @@ def test_perfect_predictor_scores_zero_and_shuffled_labels_score_one():
         run["query_labels"] = (run["query_labels"] + 1) % 20
     result = one_shot_runs.evaluate_runs(exp, params, runs, inner_lr=0.1, num_inner_steps=0)
     assert result["error"] == [1.0]
+
+
+def test_each_runs_queries_are_one_batch():
+    # A model that reads the label from pixel (0, 0) relative to its batch's mean,
+    # like transductive BatchNorm: right only when a batch holds exactly one run's
+    # 20 queries. Scoring each query alone puts every prediction at label 10, and
+    # batching the queries with the support images (offset by 0.5) shifts them by 5.
+    def apply_fn(params, x):
+        centered = x[:, 0, 0, 0] - jnp.mean(x[:, 0, 0, 0])
+        label = jnp.rint(centered * 20 + 9.5).astype(jnp.int32)
+        return params["scale"] * jax.nn.one_hot(label, 20)
+
+    def loss_fn(params, batch):
+        x, y = batch
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(apply_fn(params, x), y))
+
+    exp = types.SimpleNamespace(apply_fn=apply_fn, loss_fn=loss_fn)
+    runs = _label_in_pixel_runs(num_runs=2, support_offset=0.5)
+    params = {"scale": jnp.array(3.0)}
+    result = one_shot_runs.evaluate_runs(exp, params, runs, inner_lr=0.1, num_inner_steps=1)
+    assert result["error"] == [0.0, 0.0]
+    # The same model does see the difference: the queries one at a time are mostly wrong.
+    one_at_a_time = [apply_fn(params, runs[0]["query"][i : i + 1]) for i in range(20)]
+    assert (
+        np.mean(one_shot_runs.item_errors(jnp.concatenate(one_at_a_time), runs[0]["query_labels"]))
+        > 0.9
+    )
+
+
+def test_ci95_is_over_runs():
+    exp = _pixel_reader()
+    runs = _label_in_pixel_runs(num_runs=4)
+    for run, wrong in zip(runs, (0, 2, 4, 10), strict=True):
+        run["query_labels"][:wrong] = (run["query_labels"][:wrong] + 1) % 20
+    result = one_shot_runs.evaluate_runs(exp, {"scale": 3.0}, runs, inner_lr=0.1, num_inner_steps=0)
+    per_run = np.array([0, 2, 4, 10]) / 20
+    assert list(result["runs"]) == ["run01", "run02", "run03", "run04"]
+    np.testing.assert_allclose(list(result["runs"].values()), per_run[:, None], rtol=1e-6)
+    np.testing.assert_allclose(result["error"], [per_run.mean()], rtol=1e-6)
+    np.testing.assert_allclose(result["ci95"], [1.96 * per_run.std() / 2], rtol=1e-6)
+    assert "20.0% +- " in one_shot_runs.format_table(result)
+
+
+def _runs_zip(tmp_path, damage):
+    """Run 1 of Lake's runs as a zip of its own, with one kind of damage."""
+    if not RUNS_ZIP.is_file():
+        pytest.skip(f"{RUNS_ZIP} not found")
+    with zipfile.ZipFile(RUNS_ZIP) as source:
+        files = {n: source.read(n) for n in source.namelist() if n.startswith("run01/")}
+    labels = files["run01/class_labels.txt"].decode().splitlines()
+    if damage == "png_chunk":
+        png = bytearray(files["run01/test/item01.png"])
+        png[png.index(b"IDAT") - 1] ^= 0x55  # the chunk's length: PIL raises SyntaxError
+        files["run01/test/item01.png"] = bytes(png)
+    elif damage == "missing_line":
+        files["run01/class_labels.txt"] = "\n".join(labels[:-1]).encode()
+    elif damage == "unknown_class":
+        labels[0] = labels[0].split()[0] + " run01/training/class99.png"
+        files["run01/class_labels.txt"] = "\n".join(labels).encode()
+    elif damage == "missing_file":
+        del files["run01/test/item01.png"]
+    path = tmp_path / "runs.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    if damage == "deflate":
+        # Flip bytes of a member's compressed data until zlib itself fails
+        # (most flips are caught by the CRC check instead: BadZipFile).
+        info = zipfile.ZipFile(path).getinfo("run01/class_labels.txt")
+        start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+        clean = path.read_bytes()
+        for offset in range(start, start + info.compress_size):
+            data = bytearray(clean)
+            data[offset] ^= 0xFF
+            path.write_bytes(data)
+            try:
+                zipfile.ZipFile(path).read(info.filename)
+            except zlib.error:
+                break
+            except zipfile.BadZipFile:
+                pass
+        else:
+            pytest.fail("no single-byte flip made zlib fail")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("none", None),
+        ("png_chunk", "run01: broken PNG file"),
+        ("deflate", "run01: Error -3 while decompressing"),
+        ("missing_line", "run01: 20 training classes and 19 test items, expected 20 of each"),
+        ("unknown_class", "run01: class_labels.txt names 'run01/training/class99.png'"),
+        ("missing_file", "run01: .*item01.png"),
+    ],
+)
+def test_damaged_runs_fail_with_the_run_named(tmp_path, damage, message):
+    path = _runs_zip(tmp_path, damage)
+    if message is None:
+        (run,) = omniglot.load_one_shot_runs(path)
+        assert run["name"] == "run01" and run["query"].shape == (20, 28, 28, 1)
+        return
+    with pytest.raises(ValueError, match=message):
+        omniglot.load_one_shot_runs(path)
 
 
 def test_evaluate_runs_rejects_a_model_that_is_not_20_way():
@@ -180,6 +288,19 @@ def test_script_requires_20_ways(tmp_path):
     assert result.returncode == 2
     assert "config.num_ways=5 is invalid" in result.stderr
     assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_script_with_damaged_runs(tmp_path):
+    # The runs are read before the checkpoint: an empty workdir is enough.
+    path = _runs_zip(tmp_path, "png_chunk")
+    result = _run_script(
+        f"--config={CONFIG}:20way1shot,background", f"--workdir={tmp_path}", f"--runs={path}"
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(
+        f"error: cannot read the one-shot runs in {path} (run01: broken PNG"
+    )
     assert len(result.stderr.strip().splitlines()) == 1
 
 

@@ -25,6 +25,7 @@ import io
 import os
 import re
 import zipfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -41,6 +42,7 @@ SOURCE_IMAGE_SIZE = 105
 IMAGE_SIZE = 28
 NUM_CHARACTERS = 1623
 NUM_BACKGROUND_CHARACTERS = 964  # TFDS `train` (Lake's "background"); `test` is the rest.
+ONE_SHOT_RUN_WAYS = 20  # Lake et al.'s runs: 20 training classes, 20 test items
 NUM_DRAWINGS = 20  # every character has exactly one drawing by each of 20 people
 SPLIT_PROTOCOLS = ("finn", "background")
 ROTATIONS = ("none", "per_class", "new_classes")
@@ -617,6 +619,12 @@ def load_one_shot_runs(
       ``query`` ``(20, size, size, 1)`` (``test/itemXX``, in file order) and
       ``query_labels`` ``(20,)`` int32, each the support label of its class.
       Images are preprocessed by ``preprocess_images``, like the dataset.
+
+    Raises:
+      FileNotFoundError: no ``runXX/class_labels.txt`` under ``path``.
+      zipfile.BadZipFile: ``path`` is not a zip archive (nor a folder).
+      ValueError: a run with a missing, damaged or malformed file, or not 20
+        training classes and 20 test items; the message starts with the run's name.
     """
     path = Path(path)
     if path.is_dir():
@@ -639,31 +647,56 @@ def load_one_shot_runs(
             raise FileNotFoundError(f"no runXX/class_labels.txt in {path}")
         result = []
         for run in runs:
-            pairs = [line.split() for line in read(f"{run}/class_labels.txt").decode().splitlines()]
-            pairs = sorted(p for p in pairs if p)
-            classes = sorted(n for n in names if re.match(rf"{run}/training/class\d+\.png$", n))
-            class_index = {name: i for i, name in enumerate(classes)}
-            query_names = [test for test, _ in pairs]
-            query_labels = [class_index[train] for _, train in pairs]
-
-            def load(file_names):
-                raw = np.stack([_decode_png(read(n)) for n in file_names])
-                x = preprocess_images(raw, image_size=image_size)
-                return x.astype(np.float32)[..., None] / 255.0
-
-            result.append(
-                {
-                    "name": run,
-                    "support": load(classes),
-                    "support_labels": np.arange(len(classes), dtype=np.int32),
-                    "query": load(query_names),
-                    "query_labels": np.asarray(query_labels, np.int32),
-                }
-            )
+            try:
+                result.append(_read_one_shot_run(run, names, read, image_size))
+            # What a damaged file raises: zlib.error for a bad deflate stream, SyntaxError
+            # for a bad PNG chunk, KeyError for a file the labels name but the run lacks.
+            except (
+                OSError,
+                ValueError,
+                KeyError,
+                EOFError,
+                SyntaxError,
+                zlib.error,
+                zipfile.BadZipFile,
+            ) as e:
+                raise ValueError(f"{run}: {e}") from e
         return result
     finally:
         if archive is not None:
             archive.close()
+
+
+def _read_one_shot_run(run: str, names: list[str], read, image_size: int) -> dict:
+    """One run of ``load_one_shot_runs``; ``read(name) -> bytes`` reads a file of the runs."""
+    pairs = [line.split() for line in read(f"{run}/class_labels.txt").decode().splitlines()]
+    pairs = sorted(p for p in pairs if p)
+    if any(len(p) != 2 for p in pairs):
+        raise ValueError("class_labels.txt has a line that is not 'test_file training_file'")
+    classes = sorted(n for n in names if re.match(rf"{run}/training/class\d+\.png$", n))
+    if len(classes) != ONE_SHOT_RUN_WAYS or len(pairs) != ONE_SHOT_RUN_WAYS:
+        raise ValueError(
+            f"{len(classes)} training classes and {len(pairs)} test items, "
+            f"expected {ONE_SHOT_RUN_WAYS} of each"
+        )
+    class_index = {name: i for i, name in enumerate(classes)}
+    try:
+        query_labels = [class_index[train] for _, train in pairs]
+    except KeyError as e:
+        raise ValueError(f"class_labels.txt names {e}, not a training class of the run") from None
+
+    def load(file_names):
+        raw = np.stack([_decode_png(read(n)) for n in file_names])
+        x = preprocess_images(raw, image_size=image_size)
+        return x.astype(np.float32)[..., None] / 255.0
+
+    return {
+        "name": run,
+        "support": load(classes),
+        "support_labels": np.arange(len(classes), dtype=np.int32),
+        "query": load([test for test, _ in pairs]),
+        "query_labels": np.asarray(query_labels, np.int32),
+    }
 
 
 def _decode_png(data: bytes) -> np.ndarray:
