@@ -63,7 +63,7 @@ def meta_gradient_fns(
     * ``exact``: ``jax.grad`` of ``core.batched_meta_loss``, differentiated
       through every inner step (second order);
     * ``exact_remat``: the same with each inner step rematerialised
-      (``remat=True``): equal values, memory flat in ``num_inner_steps``;
+      (``remat=True``): equal values, activations recomputed instead of kept;
     * ``first_order``: first-order MAML (inner gradients held constant);
     * ``imaml``: implicit MAML's, ``num_inner_steps`` proximal steps at
       ``inner_lr`` and ``imaml_cg_steps`` conjugate gradient iterations.

@@ -71,8 +71,11 @@ def adapt(
       num_inner_steps: static number of steps; 0 returns ``params``.
       first_order: treat the inner gradients as constants (FOMAML).
       remat: rematerialise each inner step in the backward pass
-        (``jax.checkpoint``): memory independent of ``num_inner_steps``, at
-        the price of recomputing each step's forward pass.
+        (``jax.checkpoint``): each step keeps its input parameters, not its
+        activations, at the price of recomputing its forward pass. Memory still
+        grows with ``num_inner_steps`` (one parameter copy a step), and what it
+        saves depends on the backend (a quarter of the peak on an H100 for
+        20-way 1-shot, 5 steps; nothing measurable on XLA:CPU).
 
     Returns:
       The adapted parameters, a pytree shaped like ``params``.

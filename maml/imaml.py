@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from maml import core, second_order
 
@@ -66,6 +67,7 @@ def adapt_proximal(
     """
     if num_inner_steps < 0:
         raise ValueError(f"num_inner_steps must be >= 0, got {num_inner_steps}")
+    _check_lam(lam)
 
     rates = core.per_leaf_rates(inner_lr, params)
 
@@ -76,6 +78,17 @@ def adapt_proximal(
         )
 
     return jax.lax.fori_loop(0, num_inner_steps, step, params)
+
+
+def _check_lam(lam: float | jax.Array) -> None:
+    """Refuses a known ``lam <= 0`` (or NaN): ``lam = 0`` makes the implicit
+    gradient NaN, a negative one finite garbage. A traced ``lam`` is not checked."""
+    try:
+        values = np.asarray(lam, np.float64)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return
+    if not np.all(values > 0):
+        raise ValueError(f"lam must be > 0, got {lam}")
 
 
 def imaml_loss_and_grad(
@@ -106,6 +119,8 @@ def imaml_loss_and_grad(
       ``loss_fn(phi*(theta), query)`` when the inner loop has converged and
       CG has solved the system.
     """
+    if num_cg_steps < 1:
+        raise ValueError(f"num_cg_steps must be >= 1, got {num_cg_steps}")
     # The meta-gradient comes from the implicit function theorem, not from
     # backpropagating through the inner loop.
     params = jax.lax.stop_gradient(params)

@@ -129,7 +129,8 @@ def _lanczos_flat(
     eps = jnp.finfo(dtype).eps
     basis = jnp.zeros((num_iters, n), dtype).at[0].set(v0 / jnp.linalg.norm(v0))
     alphas = jnp.zeros((num_iters,), dtype)
-    betas = jnp.zeros((max(num_iters - 1, 0),), dtype)
+    # One slot more than T's off-diagonal, so the loop's write is never into an empty array.
+    betas = jnp.zeros((num_iters,), dtype)
 
     def body(i, carry):
         basis, alphas, betas, scale = carry
@@ -151,12 +152,12 @@ def _lanczos_flat(
         is_last = i + 1 >= num_iters
         # Writing at index i + 1 past the end is dropped by JAX's scatter.
         basis = basis.at[i + 1].set(next_v, mode="drop")
-        betas = betas.at[i].set(jnp.where(is_last, 0.0, beta), mode="drop")
+        betas = betas.at[i].set(jnp.where(is_last, 0.0, beta))
         return basis, alphas, betas, scale
 
     init = (basis, alphas, betas, jnp.zeros((), dtype))
     basis, alphas, betas, _ = jax.lax.fori_loop(0, num_iters, body, init)
-    return LanczosResult(alphas, betas, basis)
+    return LanczosResult(alphas, betas[: num_iters - 1], basis)
 
 
 def _check_num_iters(num_iters: int, n: int) -> int:
@@ -299,20 +300,39 @@ def conjugate_gradient(
     """Solves ``A x = b`` for a symmetric positive definite operator ``A`` on pytrees.
 
     Runs at most ``num_iters`` conjugate gradient iterations in a
-    ``lax.fori_loop`` (so it is jit-able, vmap-able and reverse-differentiable);
-    once the residual norm falls to ``tol * ||b||`` the iterate is frozen.
+    ``lax.fori_loop`` (so it is jit-able and vmap-able); once the residual norm
+    falls to ``tol * ||b||`` the iterate is frozen. It is differentiable through
+    ``lax.custom_linear_solve``: the gradient with respect to ``b`` (and to
+    whatever ``matvec`` closes over) is another CG solve with ``A``, the implicit
+    gradient of ``A^{-1} b``, exact when CG has converged, and defined at
+    ``b = 0`` (where backpropagating through the iterations would give 0).
 
     Args:
       matvec: ``x -> A x`` on pytrees shaped like ``b``, e.g. an ``hvp`` closure.
       b: right-hand side pytree.
-      num_iters: static maximum number of iterations (exact in exact
+      num_iters: static maximum number of iterations, ``>= 1`` (exact in exact
         arithmetic after ``n`` iterations).
-      x0: initial guess shaped like ``b``; zeros by default.
+      x0: initial guess shaped like ``b``; zeros by default. Only where CG
+        starts: the solution, and so its gradient, does not depend on it.
       tol: relative residual tolerance.
 
     Returns:
       ``x``, a pytree shaped like ``b``.
     """
+    if num_iters < 1:
+        raise ValueError(f"num_iters must be >= 1, got {num_iters}")
+    if x0 is not None:
+        x0 = jax.lax.stop_gradient(x0)
+
+    def solve(matvec, b):
+        return _cg_iterations(matvec, b, num_iters=num_iters, x0=x0, tol=tol)
+
+    return jax.lax.custom_linear_solve(matvec, b, solve, symmetric=True)
+
+
+def _cg_iterations(
+    matvec: MatVec, b: PyTree, *, num_iters: int, x0: PyTree | None, tol: float
+) -> PyTree:
     if x0 is None:  # r0 = b: no matvec spent on A @ 0
         x0, r0 = jax.tree.map(jnp.zeros_like, b), b
     else:

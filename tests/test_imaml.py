@@ -97,6 +97,34 @@ def test_too_few_cg_steps_are_inexact():
     assert errors[1] < 1e-8
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"lam": 0.0}, "lam must be > 0, got 0.0"),  # was a NaN gradient
+        ({"lam": -1.0}, "lam must be > 0, got -1.0"),  # was a finite, wrong one
+        ({"lam": jnp.array(float("nan"))}, "lam must be > 0, got nan"),
+        ({"num_cg_steps": 0}, "num_cg_steps must be >= 1, got 0"),  # was a zero gradient
+    ],
+)
+def test_bad_lam_or_cg_steps_are_refused(override, message):
+    support, query = quadratic_task(4, seed=0)
+    kwargs = {**converged_kwargs(support, 1.0, 4), "num_inner_steps": 2, **override}
+    with pytest.raises(ValueError, match=message):
+        imaml.imaml_loss_and_grad(quadratic_loss, jnp.zeros(4), support, query, **kwargs)
+
+
+def test_a_traced_lam_is_not_checked_but_works():
+    support, query = quadratic_task(4, seed=0)
+    kwargs = converged_kwargs(support, 0.5, 4)
+    del kwargs["lam"]
+    grad = jax.jit(
+        lambda lam: imaml.imaml_loss_and_grad(
+            quadratic_loss, jnp.zeros(4), support, query, lam=lam, **kwargs
+        )[1]
+    )(0.5)
+    np.testing.assert_allclose(grad, closed_form(jnp.zeros(4), support, query, 0.5)[2], rtol=1e-8)
+
+
 def test_large_lam_gives_the_query_gradient_at_theta():
     # lam -> infinity pins phi* to theta and (I + H / lam) to I.
     n, lam = 5, 1e7

@@ -162,6 +162,24 @@ def test_lanczos_survives_repeated_eigenvalues():
     np.testing.assert_allclose(values, [10.0] * 4 + [1.0], atol=1e-10)
 
 
+def test_lanczos_with_one_step_or_one_parameter():
+    # m = 1: T is the Rayleigh quotient of the start vector, with no off-diagonal.
+    d = jnp.arange(1.0, 9.0)
+    f = lambda p: 0.5 * jnp.sum(d * p**2)  # noqa: E731
+    result = so.lanczos(lambda v: d * v, jnp.zeros(8), num_iters=1, key=jax.random.key(0))
+    assert result.alphas.shape == (1,) and result.betas.shape == (0,)
+    v = np.asarray(result.basis[0])
+    np.testing.assert_allclose(result.alphas[0], v @ (np.asarray(d) * v), rtol=1e-12)
+    grid, density = so.spectral_density(
+        f, jnp.zeros(8), num_iters=1, num_probes=2, key=jax.random.key(1)
+    )
+    assert np.all(np.isfinite(density))
+    # A single parameter: Lanczos stops at n = 1 step, which is exact.
+    g = lambda p: 2.0 * p[0] ** 2  # noqa: E731
+    values, _ = so.top_eigenpairs(g, jnp.zeros(1), 1, num_iters=10, key=jax.random.key(2))
+    np.testing.assert_allclose(values, [4.0], rtol=1e-12)
+
+
 def test_spectral_density_is_exact_for_a_diagonal_hessian():
     # Rademacher probes see every eigenvalue of a diagonal matrix with weight 1/n.
     d = jnp.array([1.0] * 6 + [10.0] * 4)
@@ -270,20 +288,32 @@ def test_conjugate_gradient_differentiates_and_survives_a_zero_residual():
     # d/db of c^T A^{-1} b is A^{-1} c: reverse mode through the loop.
     np.testing.assert_allclose(jax.grad(objective)(b), np.linalg.solve(A, c), rtol=1e-7)
     # b = 0: zero residual from the start, so every step divides 0 by 0 unless guarded;
-    # the solve is exactly 0 and its gradient finite.
+    # the solve is exactly 0, and its gradient is still A^{-1} c (backpropagating
+    # through the frozen iterations gave 0).
     zero = jnp.zeros(6)
     assert np.all(np.asarray(so.conjugate_gradient(lambda v: A @ v, zero, num_iters=5)) == 0)
-    assert np.all(np.isfinite(jax.grad(objective)(zero)))
+    np.testing.assert_allclose(jax.grad(objective)(zero), np.linalg.solve(A, c), rtol=1e-7)
+    # The gradient with respect to the operator: d(c^T A^{-1} b)/dA = -A^{-T} c b^T A^{-T}.
+    dA = jax.grad(lambda A: c @ so.conjugate_gradient(lambda v: A @ v, b, num_iters=30))(A)
+    x, y = np.linalg.solve(A, b), np.linalg.solve(A, c)
+    np.testing.assert_allclose(dA, -np.outer(y, x), rtol=1e-6, atol=1e-9)
+
+
+def test_conjugate_gradient_refuses_no_iterations():
+    with pytest.raises(ValueError, match="num_iters must be >= 1, got 0"):
+        so.conjugate_gradient(lambda v: v, jnp.ones(3), num_iters=0)
 
 
 def test_conjugate_gradient_spends_no_matvec_on_a_zero_initial_guess():
-    A, b, traced = spd_matrix(4, 3), jnp.ones(4), []
+    A, b, calls = spd_matrix(4, 3), jnp.ones(4), []
 
     def matvec(v):
-        traced.append(None)  # once per trace of a call site: the loop body is traced once
+        jax.debug.callback(lambda: calls.append(None))  # once per product computed
         return A @ v
 
-    so.conjugate_gradient(matvec, b, num_iters=3)
-    assert len(traced) == 1
-    so.conjugate_gradient(matvec, b, num_iters=3, x0=jnp.zeros(4))
-    assert len(traced) == 3  # A @ x0, then the loop
+    jax.block_until_ready(so.conjugate_gradient(matvec, b, num_iters=3))
+    jax.effects_barrier()
+    assert len(calls) == 3  # the loop's three products
+    jax.block_until_ready(so.conjugate_gradient(matvec, b, num_iters=3, x0=jnp.zeros(4)))
+    jax.effects_barrier()
+    assert len(calls) == 3 + 4  # A @ x0, then the loop
