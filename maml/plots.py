@@ -84,6 +84,7 @@ def sinusoid_adaptation(exp, params, key, path: Path, *, steps=(1, 10)) -> None:
     )
     algorithm = exp.config.get("algorithm", "maml")
     ax.set_title(f"{ALGORITHM_TITLES.get(algorithm, algorithm)}, K={support[0].shape[0]}")
+    ax.set(xlabel="x", ylabel="y")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -93,16 +94,23 @@ def sinusoid_adaptation(exp, params, key, path: Path, *, steps=(1, 10)) -> None:
 def adaptation_curves(evaluation: dict, path: Path) -> None:
     """Finn et al.'s Figure 3: the metric (mean, 95% CI) against inner steps, one line per K."""
     fig, ax = plt.subplots(figsize=(5, 3.6))
+    metric = evaluation["metric"]
+    finite_means = []
     for shots, r in evaluation["results"].items():
         # From eval.json a value that is not finite is null; in memory, inf or NaN.
         mean, ci = (
             np.array([math.nan if v is None else v for v in r[k]], float) for k in ("mean", "ci95")
         )
         steps = np.asarray(r["inner_steps"])
+        finite_means.extend(mean[np.isfinite(mean)])
+        ci = np.where(np.isfinite(ci), ci, np.nan)  # never a bar of 0 for an unknown CI
+        # Bars stop at the metric's range: an MSE is not negative, an accuracy not above 1.
+        lower = np.minimum(ci, mean) if metric in ("mse", "accuracy") else ci
+        upper = np.minimum(ci, 1.0 - mean) if metric == "accuracy" else ci
         line = ax.errorbar(
             steps,
             mean,
-            yerr=np.where(np.isfinite(ci), ci, np.nan),  # never a bar of 0 for an unknown CI
+            yerr=np.stack([lower, upper]),
             capsize=2,
             marker="o",
             ms=3,
@@ -118,8 +126,13 @@ def adaptation_curves(evaluation: dict, path: Path) -> None:
                 transform=ax.get_xaxis_transform(),  # y in axes units: the top edge
                 label=f"K={shots}: mean not finite (diverged tasks)",
             )
+    positive = [m for m in finite_means if m > 0]
+    if metric == "mse" and positive and max(positive) > 100 * min(positive):
+        # Tasks whose inner SGD blows up (means of 1e18 beside 0.1) flatten a linear axis.
+        ax.set_yscale("log")
+        metric += " (log scale)"
     ax.set_xlabel("inner gradient steps")
-    ax.set_ylabel(evaluation["metric"])
+    ax.set_ylabel(metric)
     ax.set_title(f"{evaluation['num_tasks']} test tasks, 95% CI")
     ax.legend()
     fig.tight_layout()

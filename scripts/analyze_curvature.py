@@ -167,8 +167,17 @@ def plot(report, path: Path) -> None:
             marked += [t["lambda_max"] for t in report["per_task"]]
         right = 1.2 * max(grid[-1], *marked)
         span = max(np.max(np.abs(grid)), right)
-        ax.set_xscale("symlog", linthresh=max(1e-3, 1e-4 * span))
-        ax.set_xlim(min(grid[0], 0.0), right)
+        # Linear within about the smoothing width (spectral_density's default sigma is
+        # 1% of the Ritz values' range): the density has no finer detail to show.
+        linthresh = max(0.01 * (grid[-1] - grid[0]), 1e-6 * span, 1e-12)
+        ax.set_xscale("symlog", linthresh=linthresh)
+        left = min(grid[0], 0.0)
+        ax.set_xlim(left, right)
+        # Ticks at 0 and the powers of ten outside the linear part only: the
+        # default ones inside it overlap.
+        powers = 10.0 ** np.arange(np.ceil(np.log10(linthresh)), np.log10(span) + 1)
+        ticks = [-t for t in powers[::-1] if -t >= left] + [0.0] + [t for t in powers if t <= right]
+        ax.set_xticks(ticks)
         ax.set_yscale("log")
         ax.set_ylim(1e-8, None)
         ax.set(xlabel="Hessian eigenvalue", ylabel="density", title=title)

@@ -66,6 +66,61 @@ def hessian_example() -> list[list[float]]:
     return np.asarray(jax.jacfwd(jax.grad(dot_self))(jnp.array([1.0, 2.0, 3.0]))).tolist()
 
 
+def jacobians_example() -> dict[str, Any]:
+    """The tutorial's Jacobians and Hessian of a logistic ``predict``, checked in closed form.
+
+    ``predict(W, b, inputs) = sigmoid(inputs @ W + b)`` on its four-point toy
+    dataset, with ``W, b`` drawn as the tutorial draws them; ``jacfwd`` and
+    ``jacrev`` of ``W -> predict`` (``(4, 3)``), ``jacrev`` of the dict
+    ``{"W", "b"}`` version, and the ``(4, 3, 3)`` Hessian ``jacfwd(jacrev(f))``.
+    With ``s`` the predictions: ``dp/dW = s (1 - s) x``, ``dp/db = s (1 - s)``,
+    ``d2p/dW2 = s (1 - s) (1 - 2 s) x x^T``.
+    """
+
+    def sigmoid(x):
+        return 0.5 * (jnp.tanh(x / 2) + 1)
+
+    def predict(W, b, inputs):
+        return sigmoid(jnp.dot(inputs, W) + b)
+
+    inputs = jnp.array(
+        [[0.52, 1.12, 0.77], [0.88, -1.08, 0.15], [0.52, 0.06, -1.30], [0.74, -2.49, 1.39]]
+    )
+    _, W_key, b_key = jax.random.split(jax.random.key(0), 3)
+    W = jax.random.normal(W_key, (3,))
+    b = jax.random.normal(b_key, ())
+
+    def f(W):
+        return predict(W, b, inputs)
+
+    J_fwd, J_rev = jax.jacfwd(f)(W), jax.jacrev(f)(W)
+    J_dict = jax.jacrev(lambda params: predict(params["W"], params["b"], inputs))({"W": W, "b": b})
+    H = jax.jacfwd(jax.jacrev(f))(W)
+    s = np.asarray(f(W), np.float64)
+    x = np.asarray(inputs, np.float64)
+    slope = s * (1 - s)
+    errors = {
+        "jacfwd": np.abs(np.asarray(J_fwd) - slope[:, None] * x).max(),
+        "jacrev": np.abs(np.asarray(J_rev) - slope[:, None] * x).max(),
+        "dict_W": np.abs(np.asarray(J_dict["W"]) - slope[:, None] * x).max(),
+        "dict_b": np.abs(np.asarray(J_dict["b"]) - slope).max(),
+        "hessian": np.abs(
+            np.asarray(H) - (slope * (1 - 2 * s))[:, None, None] * x[:, :, None] * x[:, None, :]
+        ).max(),
+    }
+    return {
+        "shapes": {
+            "jacfwd": list(J_fwd.shape),
+            "jacrev": list(J_rev.shape),
+            "dict": {k: list(v.shape) for k, v in J_dict.items()},
+            "hessian": list(H.shape),
+        },
+        "jacobian": np.asarray(J_rev).tolist(),
+        "max_abs_error": {k: float(v) for k, v in errors.items()},
+        "matches": bool(max(errors.values()) <= 1e-6),
+    }
+
+
 def hvp_example() -> dict[str, Any]:
     """The same Hessian applied to a vector by ``second_order.hvp``, never materialised."""
     x = jnp.array([1.0, 2.0, 3.0])
@@ -221,6 +276,7 @@ def run_all() -> dict[str, Any]:
     return {
         "derivatives": derivatives(),
         "hessian": hessian_example(),
+        "jacobians": jacobians_example(),
         "hvp_matches_hessian": hvp_example(),
         "meta_gradient": meta_gradient_example(),
         **td_examples(),
@@ -238,6 +294,12 @@ def _print_report(results: dict[str, Any]) -> None:
         ours = np.round(np.asarray(results[key]), 6).tolist()
         show(key, ours, TUTORIAL[key])
     show("straight_through", results["straight_through"], TUTORIAL["straight_through"])
+    j = results["jacobians"]
+    show(
+        "jacobians (jacfwd, jacrev, a dict of parameters, Hessian = jacfwd(jacrev))",
+        f"shapes {j['shapes']}; max error vs closed form {max(j['max_abs_error'].values()):.1e}",
+        "shapes (4, 3), {'W': (4, 3), 'b': (4,)}, (4, 3, 3); values for its random W, b",
+    )
     h = results["hvp_matches_hessian"]
     show(
         "hvp_matches_hessian (H v, H never formed)",

@@ -41,6 +41,7 @@ def test_json_has_every_example(results):
     assert set(results) == {
         "derivatives",
         "hessian",
+        "jacobians",
         "hvp_matches_hessian",
         "meta_gradient",
         "td_naive",
@@ -49,6 +50,32 @@ def test_json_has_every_example(results):
         "per_example_grads",
         "per_example_speedup",
     }
+
+
+def test_jacobians_of_the_logistic_predict(results):
+    j = results["jacobians"]
+    assert j["shapes"] == {
+        "jacfwd": [4, 3],
+        "jacrev": [4, 3],
+        "dict": {"W": [4, 3], "b": [4]},
+        "hessian": [4, 3, 3],
+    }
+    assert j["matches"] and max(j["max_abs_error"].values()) < 1e-6
+    # Independently of the script's closed forms: central differences in float64
+    # of the tutorial's predict, with W and b drawn as the tutorial draws them.
+    inputs = np.array(
+        [[0.52, 1.12, 0.77], [0.88, -1.08, 0.15], [0.52, 0.06, -1.30], [0.74, -2.49, 1.39]]
+    )
+    _, W_key, b_key = jax.random.split(jax.random.key(0), 3)
+    W = np.asarray(jax.random.normal(W_key, (3,)), np.float64)
+    b = float(jax.random.normal(b_key, ()))
+
+    def predict(W):
+        return 1.0 / (1.0 + np.exp(-(inputs @ W + b)))
+
+    eye = 1e-6 * np.eye(3)
+    fd = np.stack([(predict(W + e) - predict(W - e)) / 2e-6 for e in eye], axis=1)
+    np.testing.assert_allclose(j["jacobian"], fd, atol=1e-6)
 
 
 def test_higher_order_derivatives(results):

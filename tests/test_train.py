@@ -634,6 +634,35 @@ def test_figure_3_marks_diverged_steps_from_memory_or_eval_json(tmp_path, monkey
     }
 
 
+@pytest.mark.parametrize(
+    "metric, means, log_scale",
+    [
+        ("mse", [3.0, 0.3, 1e18], True),
+        ("mse", [3.0, 0.3, 0.2], False),
+        ("accuracy", [0.2, 0.9, 0.99], False),
+    ],
+)
+def test_figure_3_axis_and_bars_stay_in_the_metrics_range(
+    tmp_path, monkeypatch, metric, means, log_scale
+):
+    # A few diverging tasks (means of 1e18 beside 0.3) flattened a linear axis, and
+    # bars wider than the mean reached negative MSEs (or accuracies above 1).
+    results = {"5": {"inner_steps": [0, 1, 2], "mean": means, "ci95": [0.5, 0.5, 4e18]}}
+    figures = []
+    monkeypatch.setattr(plots.plt, "close", figures.append)
+    plots.adaptation_curves(
+        {"metric": metric, "num_tasks": 5, "results": results}, tmp_path / "e.png"
+    )
+    (ax,) = figures[0].axes
+    assert (ax.get_yscale() == "log") == log_scale
+    assert ax.get_ylabel() == metric + (" (log scale)" if log_scale else "")
+    (bars,) = ax.collections  # the vertical error bars
+    ends = np.concatenate([segment[:, 1] for segment in bars.get_segments()])
+    assert ends.min() >= 0.0
+    if metric == "accuracy":
+        assert ends.max() <= 1.0
+
+
 @pytest.mark.parametrize("algorithm, title", [("maml", "MAML"), ("pretrain", "pretrained")])
 def test_figure_2_names_the_algorithm(tmp_path, monkeypatch, algorithm, title):
     exp = train.build_experiment(tiny(algorithm=algorithm))
