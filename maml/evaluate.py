@@ -18,11 +18,16 @@ from maml.train import adaptation_curve, finite_or_null, restore_params, root_ke
 
 
 def evaluate(
-    config: ml_collections.ConfigDict, workdir: str | Path, checkpoint: str = "latest"
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    checkpoint: str = "latest",
+    *,
+    write: bool = True,
 ) -> dict:
     """Evaluates the ``latest`` or ``best`` (validation) checkpoint in ``workdir`` on
     test tasks drawn with ``config.eval_seed`` (unset: ``config.seed``); returns what
-    ``eval.json`` (``eval_best.json``) holds."""
+    ``eval.json`` (``eval_best.json``) holds, and writes it unless ``write=False``
+    (then ``write_evaluation(evaluation, workdir)`` does)."""
     workdir = Path(workdir)
     exp, params, step = restore_params(config, workdir, checkpoint)
     seed = config.get("eval_seed")
@@ -59,13 +64,22 @@ def evaluate(
         "checkpoint_step": step,
         "results": results,
     }
+    if write:
+        write_evaluation(evaluation, workdir)
+    return evaluation
+
+
+def write_evaluation(evaluation: dict, workdir: str | Path) -> None:
+    """Writes ``evaluation`` to ``workdir/eval.json`` and ``workdir/plots/eval.png``
+    (``eval_best.*`` for the best-validation checkpoint)."""
+    workdir = Path(workdir)
+    checkpoint = evaluation["checkpoint"]
     name = "eval" if checkpoint == "latest" else f"eval_{checkpoint}"
     (workdir / f"{name}.json").write_text(
         json.dumps(finite_or_null(evaluation), indent=2, allow_nan=False) + "\n"
     )
     (workdir / "plots").mkdir(exist_ok=True)
     plots.adaptation_curves(evaluation, workdir / "plots" / f"{name}.png")
-    return evaluation
 
 
 def _with_shots(task, shots: int, config):

@@ -614,6 +614,40 @@ def _signals_deferred():
             signal.raise_signal(s)
 
 
+@contextlib.contextmanager
+def _writing(what: str):
+    """A write that fails (a full disk, a file system gone read-only) is a
+    ``CheckpointError`` naming ``what``; orbax reports a failed write as ValueError."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        if len(reason) > 300:  # tensorstore names every file; the cause comes last
+            reason = f"{reason[:140]} ... {reason[-140:]}"
+        raise CheckpointError(
+            f"cannot write {what} ({reason}); the checkpoints already written are kept: "
+            "free space and run the same command again to resume."
+        ) from e
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: Path):
+    """Holds ``workdir/.lock`` for the run: a second run in the same workdir (the
+    same job submitted twice, or another seed) would mix its metrics and
+    checkpoints into this one's."""
+    import fcntl
+
+    with open(workdir / ".lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"another run is training in {workdir} (it holds {workdir / '.lock'}): "
+                "wait for it to end, or use another --workdir."
+            ) from None
+        yield
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str | Path, *, allow_config_change: bool = False
 ) -> TrainState:
@@ -623,7 +657,8 @@ def train_and_evaluate(
     ``RESUMABLE_CHANGES`` (else ``ConfigError``), unless ``allow_config_change``:
     then the old ``config.json`` is kept as ``config.step{N}.json``.
     """
-    # The checkpoint managers' background threads end with the run, however it ends.
+    # The checkpoint managers' background threads end with the run, however it ends,
+    # and so does the workdir's lock.
     with contextlib.ExitStack() as managers:
         return _train_and_evaluate(
             config, Path(workdir), allow_config_change, opened=managers.enter_context
@@ -635,13 +670,15 @@ def _train_and_evaluate(
     workdir: Path,
     allow_config_change: bool,
     *,
-    opened: Callable[[ocp.CheckpointManager], ocp.CheckpointManager],
+    opened: Callable[[Any], Any],
 ) -> TrainState:
     # With several processes (jax.distributed), all of them train and save
     # checkpoints together; only the first writes logs and plots.
     is_main = jax.process_index() == 0
     exp = build_experiment(config, "train")
     (workdir / "plots").mkdir(parents=True, exist_ok=True)
+    if is_main:  # the other processes are this run's own
+        opened(_workdir_lock(workdir))
     train_key, eval_key = root_keys(config.seed)
     manager = opened(checkpoint_manager(workdir))
     state = init_state(exp)
@@ -658,7 +695,10 @@ def _train_and_evaluate(
             )
         if changed and is_main:
             kept = workdir / f"config.step{int(state.step)}.json"
-            (workdir / "config.json").replace(kept)
+            # An existing one trained the steps up to this checkpoint; config.json
+            # then trained nothing that was saved (it diverged, say): keep the former.
+            if not kept.exists():
+                (workdir / "config.json").replace(kept)
             print(f"resuming with {'; '.join(changed)} (was: {kept})", file=sys.stderr)
         if is_main:
             _truncate_metrics(metrics_path, int(state.step))
@@ -674,6 +714,12 @@ def _train_and_evaluate(
             file=sys.stderr,
         )
 
+    if is_main and config.get("eval_every", 0) > config.num_steps:
+        print(
+            f"warning: config.eval_every={config.eval_every} > config.num_steps="
+            f"{config.num_steps}: no validation will run, so no best_checkpoint/",
+            file=sys.stderr,
+        )
     val_task = build_task(config, "validation") if config.get("eval_every", 0) else None
     keep_best = val_task is not None
     best = None
@@ -701,13 +747,16 @@ def _train_and_evaluate(
             f"{jax.process_count()} process(es); {workdir}",
             file=sys.stderr,
         )
-    bar = tqdm(
-        total=config.num_steps,
-        initial=start,
-        unit="step",
-        dynamic_ncols=True,
-        desc=f"{config.task}/{config.algorithm}",
-        disable=not is_main,
+    # Closed however the run ends, so that an error starts on a line of its own.
+    bar = opened(
+        tqdm(
+            total=config.num_steps,
+            initial=start,
+            unit="step",
+            dynamic_ncols=True,
+            desc=f"{config.task}/{config.algorithm}",
+            disable=not is_main,
+        )
     )
     t0 = time.perf_counter()
 
@@ -720,8 +769,18 @@ def _train_and_evaluate(
 
     def log(record: dict) -> None:
         if is_main:
-            with metrics_path.open("a") as f:
+            with _writing(metrics_path), metrics_path.open("a") as f:
                 f.write(json.dumps(finite_or_null(record), allow_nan=False) + "\n")
+
+    # Orbax writes in the background: a failed write surfaces at the next save or wait.
+    def saving():
+        return _writing(f"a checkpoint in {workdir}")
+
+    def finish_saves() -> None:
+        with saving():
+            manager.wait_until_finished()
+            if keep_best:
+                best.wait_until_finished()
 
     logged, metrics = start, None
     # With several processes a signal reaches one (Ctrl-C on one host) or each at
@@ -749,9 +808,7 @@ def _train_and_evaluate(
                 if bad is not None:
                     # The state is lost to NaN; keep every checkpoint from before it.
                     log(record)
-                    manager.wait_until_finished()
-                    if keep_best:
-                        best.wait_until_finished()
+                    finish_saves()
                     bar.close()
                     saved = manager.latest_step()
                     then = (
@@ -774,7 +831,7 @@ def _train_and_evaluate(
                     )
                     record[f"val_{val_task.metric}"] = float(curve[-1].mean())
                 # An interrupt inside orbax's save would surface as its traceback.
-                with deferred():
+                with deferred(), saving():
                     if keep_best and f"val_{val_task.metric}" in record:
                         # Kept only while it is the best validation so far.
                         best.save(
@@ -797,41 +854,43 @@ def _train_and_evaluate(
                 if multiprocess and _any_process(bool(received)):
                     raise KeyboardInterrupt  # on leaving the block, the signal received, if any
         except KeyboardInterrupt:
-            # The state returned by the last dispatched chunk is whole once it is
-            # computed; keep it so that no finished work is lost.
-            step = int(state.step)
-            # A chunk that diverged, interrupted before its check: its state is NaN.
-            diverged = step > logged and first_nonfinite(jax.device_get(metrics)) is not None
-            if step > logged:  # interrupted between the chunk and its log line
-                log(chunk_record(step, metrics))  # without the validation, if one was due
-            manager.wait_until_finished()
-            # A save orbax has begun is listed already; closing the manager waits for it.
-            if diverged:
-                step = manager.latest_step()
-            elif step not in manager.all_steps():  # not already saved just before the interrupt
-                manager.save(step, args=ocp.args.StandardSave(state), force=True)
-                manager.wait_until_finished()
-            if keep_best:
-                best.wait_until_finished()
-            bar.close()
-            if is_main and diverged:
-                kept = "no checkpoint" if step is None else f"the latest checkpoint is step {step}"
-                print(
-                    "interrupted: the last chunk diverged (loss or gradient not finite) and "
-                    f"was not saved; {kept} in {workdir}",
-                    file=sys.stderr,
-                )
-            elif is_main:
-                print(
-                    f"interrupted: saved a checkpoint at step {step} in {workdir};"
-                    " run the same command again to resume",
-                    file=sys.stderr,
-                )
+            # With one process, signals are held from here on too: a second Ctrl-C
+            # (or a scheduler's second SIGTERM) would abort the save half-written.
+            with contextlib.nullcontext() if multiprocess else _signals_deferred():
+                # The state returned by the last dispatched chunk is whole once it is
+                # computed; keep it so that no finished work is lost.
+                step = int(state.step)
+                # A chunk that diverged, interrupted before its check: its state is NaN.
+                diverged = step > logged and first_nonfinite(jax.device_get(metrics)) is not None
+                if step > logged:  # interrupted between the chunk and its log line
+                    log(chunk_record(step, metrics))  # without the validation, if one was due
+                # A save orbax has begun is listed already; closing the manager waits for it.
+                finish_saves()
+                if diverged:
+                    step = manager.latest_step()
+                elif step not in manager.all_steps():  # not saved just before the interrupt
+                    with saving():
+                        manager.save(step, args=ocp.args.StandardSave(state), force=True)
+                    finish_saves()
+                bar.close()
+                if is_main and diverged:
+                    kept = (
+                        "no checkpoint" if step is None else f"the latest checkpoint is step {step}"
+                    )
+                    print(
+                        "interrupted: the last chunk diverged (loss or gradient not finite) and "
+                        f"was not saved; {kept} in {workdir}",
+                        file=sys.stderr,
+                    )
+                elif is_main:
+                    print(
+                        f"interrupted: saved a checkpoint at step {step} in {workdir};"
+                        " run the same command again to resume",
+                        file=sys.stderr,
+                    )
             raise
-    manager.wait_until_finished()
+    finish_saves()
     bar.close()
-    if keep_best:
-        best.wait_until_finished()
     if not is_main:
         return state
     best_step = best.latest_step() if keep_best else None
@@ -878,7 +937,8 @@ def restore_params(
         how = (
             f"train first with scripts/train.py --workdir={workdir}"
             if which == "latest"
-            else "it is written when validation runs: train with config.eval_every > 0"
+            else "it is written when validation runs, every config.eval_every steps: train "
+            "with config.eval_every > 0 and no larger than config.num_steps"
         )
         raise CheckpointError(f"no checkpoint in {folder}: {how}.")
     return exp, state.params, int(state.step)

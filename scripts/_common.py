@@ -84,6 +84,14 @@ def _raise_terminated(signum, frame):
     raise Terminated
 
 
+def _drop_failed_write_logs(record: std_logging.LogRecord) -> bool:
+    if "/orbax/" not in record.pathname or record.levelno < std_logging.ERROR:
+        return True
+    error = record.exc_info[1] if record.exc_info else None
+    text = f"{record.getMessage()} {error}"
+    return not any(s in text for s in ("No space left on device", "Read-only file system"))
+
+
 def _drop_closed_event_loop(unraisable) -> None:
     error = unraisable.exc_value
     if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
@@ -107,12 +115,18 @@ def run(main) -> None:
     std_logging.getLogger("asyncio").addFilter(
         lambda record: not record.getMessage().startswith("Task exception was never retrieved")
     )
+    # A checkpoint write that fails (a full disk) is logged by each of orbax's
+    # background threads with its traceback (five, 350 lines), before training
+    # reports it in one line (``train.CheckpointError``).
+    std_logging.getLogger("absl").addFilter(_drop_failed_write_logs)
     try:
         app.run(main, flags_parser=_parse_flags)
-    except Terminated:
-        sys.exit(128 + signal.SIGTERM)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        # The work is saved: a second Ctrl-C now would only interrupt the
+        # interpreter's shutdown (JAX's atexit clean-up) with a traceback.
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
+        sys.exit(128 + signal.SIGTERM if isinstance(e, Terminated) else 130)
 
 
 def checked_config():
@@ -155,13 +169,16 @@ def checked_type(config) -> None:
 
 
 def check_directory(path: Path, what: str) -> None:
-    """Fails unless ``path`` is a directory or can be made one: not a file, nor under one."""
+    """Fails unless ``path`` is a writable directory or can be made one: not a file,
+    nor under one, nor on a read-only file system or in a directory we cannot write."""
     for p in (path, *path.parents):
         if p.exists():
             if p == path and not p.is_dir():
                 fail(f"{what}={path} is a file, not a directory")
             if not p.is_dir():
                 fail(f"{what}={path} cannot be made: {p} is a file")
+            if not os.access(p, os.W_OK | os.X_OK):  # also false on a read-only mount
+                fail(f"{what}={path} is not writable: {p} cannot be written to")
             return
 
 
@@ -170,7 +187,8 @@ def user_errors():
     """Errors a user can cause (missing data, bad checkpoint) end in one line and exit 2."""
     from maml.train import CheckpointError, DivergedError
 
-    errors = (CheckpointError, ConfigError, DivergedError, FileNotFoundError)
+    # OSError: a file that cannot be read or written (a full disk, say).
+    errors = (CheckpointError, ConfigError, DivergedError, OSError)
     try:
         from maml.tasks.omniglot import DatasetNotFoundError
 

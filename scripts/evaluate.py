@@ -21,8 +21,10 @@ def main(argv):
     del argv
     config = _common.checked_config()
     with _common.user_errors():
-        result = evaluate.evaluate(config, flags.FLAGS.workdir, CHECKPOINT.value)
-    print(evaluate.format_table(result))
+        result = evaluate.evaluate(config, flags.FLAGS.workdir, CHECKPOINT.value, write=False)
+    print(evaluate.format_table(result))  # first: a failed write below loses no result
+    with _common.user_errors():
+        evaluate.write_evaluation(result, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -258,6 +258,46 @@ def test_resume_refuses_other_training_settings_unless_allowed(tmp_path, capsys)
     assert "resuming with outer_lr 0.001 -> 0.0001" in capsys.readouterr().err
     assert json.loads((tmp_path / "config.step150.json").read_text())["outer_lr"] == 1e-3
     assert json.loads((tmp_path / "config.json").read_text())["outer_lr"] == 1e-4
+    # A second change at the same step (the first trained nothing that was saved:
+    # here num_steps stayed 200) keeps the settings that trained the first 150 steps.
+    state = train.train_and_evaluate(tiny(outer_lr=1e-5), tmp_path, allow_config_change=True)
+    assert int(state.step) == 200
+    assert json.loads((tmp_path / "config.step200.json").read_text())["outer_lr"] == 1e-4
+    train.train_and_evaluate(tiny(outer_lr=1e-6), tmp_path, allow_config_change=True)
+    assert json.loads((tmp_path / "config.step200.json").read_text())["outer_lr"] == 1e-4
+    assert json.loads((tmp_path / "config.json").read_text())["outer_lr"] == 1e-6
+
+
+def test_a_second_run_in_the_same_workdir_is_refused(tmp_path):
+    import fcntl
+
+    tmp_path.mkdir(exist_ok=True)
+    with open(tmp_path / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a run in progress holds it
+        with pytest.raises(ConfigError, match="another run is training in"):
+            train.train_and_evaluate(tiny(num_steps=50), tmp_path)
+    assert not (tmp_path / "metrics.jsonl").exists()
+    # Released when a run ends, however it ends: the next one trains.
+    assert int(train.train_and_evaluate(tiny(num_steps=50), tmp_path).step) == 50
+    assert int(train.train_and_evaluate(tiny(num_steps=100), tmp_path).step) == 100
+
+
+def test_a_failed_checkpoint_write_is_one_clear_error(tmp_path, monkeypatch):
+    # Orbax reports a full disk as a ValueError, at the next save or wait.
+    def full_disk(*args, **kwargs):
+        raise ValueError("RESOURCE_EXHAUSTED: ... \nNo space left on device")
+
+    monkeypatch.setattr(train.ocp.CheckpointManager, "save", full_disk)
+    message = r"cannot write a checkpoint in .*\(No space left on device\); the checkpoints"
+    with pytest.raises(train.CheckpointError, match=message):
+        train.train_and_evaluate(tiny(num_steps=100), tmp_path)
+
+
+def test_validation_that_can_never_run_is_warned_of(tmp_path, capsys):
+    train.train_and_evaluate(tiny(num_steps=50, eval_every=100), tmp_path)
+    assert "config.eval_every=100 > config.num_steps=50: no validation will run" in (
+        capsys.readouterr().err
+    )
 
 
 def test_resume_survives_a_log_line_cut_short(tmp_path):
