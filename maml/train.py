@@ -645,6 +645,8 @@ def _workdir_lock(workdir: Path):
                 f"another run is training in {workdir} (it holds {workdir / '.lock'}): "
                 "wait for it to end, or use another --workdir."
             ) from None
+        except OSError as e:  # a file system without locks (some network ones): train on
+            print(f"warning: cannot lock {workdir / '.lock'} ({e.strerror})", file=sys.stderr)
         yield
 
 

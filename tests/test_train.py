@@ -282,6 +282,18 @@ def test_a_second_run_in_the_same_workdir_is_refused(tmp_path):
     assert int(train.train_and_evaluate(tiny(num_steps=100), tmp_path).step) == 100
 
 
+def test_a_file_system_without_locks_still_trains(tmp_path, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    assert int(train.train_and_evaluate(tiny(num_steps=50), tmp_path).step) == 50
+    assert "warning: cannot lock" in capsys.readouterr().err
+
+
 def test_a_failed_checkpoint_write_is_one_clear_error(tmp_path, monkeypatch):
     # Orbax reports a full disk as a ValueError, at the next save or wait.
     def full_disk(*args, **kwargs):
