@@ -301,7 +301,7 @@ def conjugate_gradient(
 
     Runs at most ``num_iters`` conjugate gradient iterations in a
     ``lax.fori_loop`` (so it is jit-able and vmap-able); once the residual norm
-    falls to ``tol * ||b||`` the iterate is frozen. It is differentiable through
+    falls to ``tol * ||b - A x0||`` the iterate is frozen. It is differentiable through
     ``lax.custom_linear_solve``: the gradient with respect to ``b`` (and to
     whatever ``matvec`` closes over) is another CG solve with ``A``, the implicit
     gradient of ``A^{-1} b``, exact when CG has converged, and defined at
@@ -312,8 +312,8 @@ def conjugate_gradient(
       b: right-hand side pytree.
       num_iters: static maximum number of iterations, ``>= 1`` (exact in exact
         arithmetic after ``n`` iterations).
-      x0: initial guess shaped like ``b``; zeros by default. Only where CG
-        starts: the solution, and so its gradient, does not depend on it.
+      x0: initial guess shaped like ``b``; zeros by default. CG solves for the
+        correction ``A^{-1} (b - A x0)``, so the gradient does not depend on it.
       tol: relative residual tolerance.
 
     Returns:
@@ -321,22 +321,22 @@ def conjugate_gradient(
     """
     if num_iters < 1:
         raise ValueError(f"num_iters must be >= 1, got {num_iters}")
-    if x0 is not None:
-        x0 = jax.lax.stop_gradient(x0)
 
     def solve(matvec, b):
-        return _cg_iterations(matvec, b, num_iters=num_iters, x0=x0, tol=tol)
+        return _cg_iterations(matvec, b, num_iters=num_iters, tol=tol)
 
-    return jax.lax.custom_linear_solve(matvec, b, solve, symmetric=True)
+    if x0 is None:  # no matvec spent on A @ 0
+        return jax.lax.custom_linear_solve(matvec, b, solve, symmetric=True)
+    # From x0: the correction solves A d = b - A x0 from zero, as the backward
+    # solves do (their right-hand sides are others: x0 would be no head start).
+    x0 = jax.lax.stop_gradient(x0)
+    residual = jax.tree.map(lambda bi, ai: bi - ai, b, matvec(x0))
+    correction = jax.lax.custom_linear_solve(matvec, residual, solve, symmetric=True)
+    return jax.tree.map(lambda xi, di: xi + di, x0, correction)
 
 
-def _cg_iterations(
-    matvec: MatVec, b: PyTree, *, num_iters: int, x0: PyTree | None, tol: float
-) -> PyTree:
-    if x0 is None:  # r0 = b: no matvec spent on A @ 0
-        x0, r0 = jax.tree.map(jnp.zeros_like, b), b
-    else:
-        r0 = jax.tree.map(lambda bi, ai: bi - ai, b, matvec(x0))
+def _cg_iterations(matvec: MatVec, b: PyTree, *, num_iters: int, tol: float) -> PyTree:
+    x0, r0 = jax.tree.map(jnp.zeros_like, b), b
     threshold = (tol**2) * tree_vdot(b, b)
 
     def axpy(a, x, y):

@@ -679,8 +679,17 @@ def _train_and_evaluate(
     is_main = jax.process_index() == 0
     exp = build_experiment(config, "train")
     (workdir / "plots").mkdir(parents=True, exist_ok=True)
+    refused = None
     if is_main:  # the other processes are this run's own
-        opened(_workdir_lock(workdir))
+        try:
+            opened(_workdir_lock(workdir))
+        except ConfigError as e:
+            refused = e
+    # All processes stop together (one alone would leave the others hanging).
+    if jax.process_count() > 1 and _any_process(refused is not None) and refused is None:
+        refused = ConfigError(f"another run is training in {workdir} (process 0 found it)")
+    if refused is not None:
+        raise refused
     train_key, eval_key = root_keys(config.seed)
     manager = opened(checkpoint_manager(workdir))
     state = init_state(exp)
@@ -704,8 +713,10 @@ def _train_and_evaluate(
             print(f"resuming with {'; '.join(changed)} (was: {kept})", file=sys.stderr)
         if is_main:
             _truncate_metrics(metrics_path, int(state.step))
-    elif is_main and metrics_path.exists():
-        metrics_path.unlink()
+    elif is_main:  # a fresh start: what an earlier run here left describes no checkpoint
+        metrics_path.unlink(missing_ok=True)
+        for stale in workdir.glob("config.step*.json"):
+            stale.unlink()
     if is_main:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     start = int(state.step)

@@ -129,8 +129,12 @@ def run(main) -> None:
         sys.exit(128 + signal.SIGTERM if isinstance(e, Terminated) else 130)
 
 
-def checked_config():
-    """The ``--config`` flag's config, validated before any compute; applies ``--cpu_devices``."""
+def checked_config(*, writes_workdir: bool = True):
+    """The ``--config`` flag's config, validated before any compute; applies ``--cpu_devices``.
+
+    ``--workdir`` must be a directory or makeable one, and writable (it and its
+    ``plots/``) unless ``writes_workdir=False``, for a script that only reads it.
+    """
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     config = flags.FLAGS.config
     if config is None:
@@ -139,9 +143,10 @@ def checked_config():
     if not flags.FLAGS.workdir:
         fail("--workdir is required")
     workdir = Path(flags.FLAGS.workdir)
-    check_directory(workdir, "--workdir")
+    check_directory(workdir, "--workdir", writable=writes_workdir)
     for name in ("checkpoints", "best_checkpoint", "plots"):
-        check_directory(workdir / name, f"--workdir's {name}")
+        writable = writes_workdir and name == "plots"  # a failed checkpoint write is one line
+        check_directory(workdir / name, f"--workdir's {name}", writable=writable)
     try:
         validate(config)
     except ConfigError as e:
@@ -168,16 +173,16 @@ def checked_type(config) -> None:
     fail(f"--config: get_config() returned {type(config).__name__}, not a ConfigDict")
 
 
-def check_directory(path: Path, what: str) -> None:
-    """Fails unless ``path`` is a writable directory or can be made one: not a file,
-    nor under one, nor on a read-only file system or in a directory we cannot write."""
+def check_directory(path: Path, what: str, *, writable: bool = True) -> None:
+    """Fails unless ``path`` is a directory or can be made one: not a file, nor under
+    one; if ``writable``, nor on a read-only file system or in a directory we cannot write."""
     for p in (path, *path.parents):
         if p.exists():
             if p == path and not p.is_dir():
                 fail(f"{what}={path} is a file, not a directory")
             if not p.is_dir():
                 fail(f"{what}={path} cannot be made: {p} is a file")
-            if not os.access(p, os.W_OK | os.X_OK):  # also false on a read-only mount
+            if writable and not os.access(p, os.W_OK | os.X_OK):  # also on a read-only mount
                 fail(f"{what}={path} is not writable: {p} cannot be written to")
             return
 

@@ -218,7 +218,7 @@ def print_summary(report) -> None:
 def main(argv):
     del argv
     t0 = time.perf_counter()
-    config = _common.checked_config()
+    config = _common.checked_config(writes_workdir=False)  # --output_dir is checked below
     for name, flag in (
         ("num_tasks", _NUM_TASKS),
         ("top_k", _TOP_K),

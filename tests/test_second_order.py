@@ -276,6 +276,16 @@ def test_conjugate_gradient_on_pytrees_with_initial_guess():
     np.testing.assert_allclose(flat(x), expected, rtol=1e-8)
     x = so.conjugate_gradient(matvec, b, num_iters=1)
     assert np.linalg.norm(flat(x) - expected) > 1e-2 * np.linalg.norm(expected)
+    # The gradient is the backward solve's, which starts from zero whatever x0 is.
+    c = jnp.linspace(-1.0, 1.0, 5)
+
+    def gradient(x0):
+        def objective(b):
+            return c @ ravel_pytree(so.conjugate_gradient(matvec, b, num_iters=1, x0=x0))[0]
+
+        return flat(jax.grad(objective)(b))
+
+    np.testing.assert_allclose(gradient(unravel(jnp.asarray(expected))), gradient(None), rtol=1e-12)
 
 
 def test_conjugate_gradient_differentiates_and_survives_a_zero_residual():

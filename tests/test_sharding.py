@@ -185,6 +185,33 @@ def test_a_signal_to_one_process_stops_all_at_one_saved_step(tmp_path):
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [step]
 
 
+def test_a_run_in_progress_refuses_every_process_of_a_second_one(tmp_path):
+    import fcntl
+
+    address = f"localhost:{free_port()}"
+    flags = f"--coordinator_address={address}", "--num_processes=2", "--cpu_devices=1"
+    with open(tmp_path / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a run in progress holds it
+        processes = [
+            train_script(tmp_path, "--multihost", *flags, f"--process_id={rank}") for rank in (0, 1)
+        ]
+        try:
+            errors = [p.communicate(timeout=120)[1] for p in processes]
+        finally:
+            for p in processes:
+                p.kill()
+    # Process 1 used to abort (134) with the distributed runtime's fatal-error dump.
+    assert [p.returncode for p in processes] == [2, 2], errors[0][-2000:] + errors[1][-2000:]
+    for error in errors:
+        assert (
+            error.strip()
+            .splitlines()[-1]
+            .startswith(f"error: another run is training in {tmp_path}")
+        )
+        assert "Traceback" not in error
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
 def test_process_flags_without_multihost_are_refused(tmp_path):
     # Each host would otherwise train alone, as process 0, into the shared workdir.
     process = train_script(tmp_path, "--num_processes=2", "--process_id=1")

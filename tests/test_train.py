@@ -268,6 +268,18 @@ def test_resume_refuses_other_training_settings_unless_allowed(tmp_path, capsys)
     assert json.loads((tmp_path / "config.json").read_text())["outer_lr"] == 1e-6
 
 
+def test_a_fresh_start_drops_an_earlier_runs_kept_configs(tmp_path):
+    train.train_and_evaluate(tiny(num_steps=50), tmp_path)
+    train.train_and_evaluate(tiny(num_steps=50, outer_lr=1e-4), tmp_path, allow_config_change=True)
+    assert (tmp_path / "config.step50.json").exists()
+    shutil.rmtree(tmp_path / "checkpoints")  # start again from scratch in this workdir
+    train.train_and_evaluate(tiny(num_steps=50, outer_lr=5e-4), tmp_path)
+    assert not (tmp_path / "config.step50.json").exists()
+    # So the next change keeps the settings that trained these 50 steps.
+    train.train_and_evaluate(tiny(num_steps=50, outer_lr=1e-5), tmp_path, allow_config_change=True)
+    assert json.loads((tmp_path / "config.step50.json").read_text())["outer_lr"] == 5e-4
+
+
 def test_a_second_run_in_the_same_workdir_is_refused(tmp_path):
     import fcntl
 
