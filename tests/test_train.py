@@ -269,15 +269,12 @@ def test_resume_refuses_other_training_settings_unless_allowed(tmp_path, capsys)
 
 
 def test_a_fresh_start_drops_an_earlier_runs_kept_configs(tmp_path):
+    # Left by an earlier run here whose checkpoints were deleted: kept, it would be
+    # taken for the settings that trained this run's step 50 at its next change.
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "config.step50.json").write_text('{"outer_lr": 0.001}')
     train.train_and_evaluate(tiny(num_steps=50), tmp_path)
-    train.train_and_evaluate(tiny(num_steps=50, outer_lr=1e-4), tmp_path, allow_config_change=True)
-    assert (tmp_path / "config.step50.json").exists()
-    shutil.rmtree(tmp_path / "checkpoints")  # start again from scratch in this workdir
-    train.train_and_evaluate(tiny(num_steps=50, outer_lr=5e-4), tmp_path)
     assert not (tmp_path / "config.step50.json").exists()
-    # So the next change keeps the settings that trained these 50 steps.
-    train.train_and_evaluate(tiny(num_steps=50, outer_lr=1e-5), tmp_path, allow_config_change=True)
-    assert json.loads((tmp_path / "config.step50.json").read_text())["outer_lr"] == 5e-4
 
 
 def test_a_second_run_in_the_same_workdir_is_refused(tmp_path):
@@ -291,19 +288,21 @@ def test_a_second_run_in_the_same_workdir_is_refused(tmp_path):
     assert not (tmp_path / "metrics.jsonl").exists()
     # Released when a run ends, however it ends: the next one trains.
     assert int(train.train_and_evaluate(tiny(num_steps=50), tmp_path).step) == 50
-    assert int(train.train_and_evaluate(tiny(num_steps=100), tmp_path).step) == 100
 
 
-def test_a_file_system_without_locks_still_trains(tmp_path, monkeypatch, capsys):
+def test_warnings_that_do_not_stop_a_run(tmp_path, monkeypatch, capsys):
     import errno
     import fcntl
 
-    def no_locks(*args):
+    def no_locks(*args):  # a file system without locks (some network ones)
         raise OSError(errno.ENOLCK, "No locks available")
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
-    assert int(train.train_and_evaluate(tiny(num_steps=50), tmp_path).step) == 50
-    assert "warning: cannot lock" in capsys.readouterr().err
+    state = train.train_and_evaluate(tiny(num_steps=50, eval_every=100), tmp_path)
+    assert int(state.step) == 50
+    err = capsys.readouterr().err
+    assert "warning: cannot lock" in err
+    assert "config.eval_every=100 > config.num_steps=50: no validation will run" in err
 
 
 def test_a_failed_checkpoint_write_is_one_clear_error(tmp_path, monkeypatch):
@@ -315,13 +314,6 @@ def test_a_failed_checkpoint_write_is_one_clear_error(tmp_path, monkeypatch):
     message = r"cannot write a checkpoint in .*\(No space left on device\); the checkpoints"
     with pytest.raises(train.CheckpointError, match=message):
         train.train_and_evaluate(tiny(num_steps=100), tmp_path)
-
-
-def test_validation_that_can_never_run_is_warned_of(tmp_path, capsys):
-    train.train_and_evaluate(tiny(num_steps=50, eval_every=100), tmp_path)
-    assert "config.eval_every=100 > config.num_steps=50: no validation will run" in (
-        capsys.readouterr().err
-    )
 
 
 def test_resume_survives_a_log_line_cut_short(tmp_path):
