@@ -102,6 +102,25 @@ def train_script(workdir, *args):
     )
 
 
+def two_ranks(workdir, *args):
+    """scripts/train.py --multihost as ranks 0 and 1 of one run, on this host."""
+    address = f"localhost:{free_port()}"
+    flags = f"--coordinator_address={address}", "--num_processes=2", "--cpu_devices=1"
+    return [
+        train_script(workdir, "--multihost", *flags, f"--process_id={rank}", *args)
+        for rank in (0, 1)
+    ]
+
+
+def stderr_of(processes, timeout=120):
+    """Each process's stderr once all have ended; any still running after that is killed."""
+    try:
+        return [p.communicate(timeout=timeout)[1] for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+
+
 def test_two_processes_match_one_process_on_two_devices(tmp_path):
     # scripts/train.py --multihost: two processes on this host, one CPU device each,
     # joined by jax.distributed (gloo collectives), train one model on a two-device
@@ -109,18 +128,7 @@ def test_two_processes_match_one_process_on_two_devices(tmp_path):
     from maml import train
     from maml.configs import sinusoid
 
-    address = f"localhost:{free_port()}"
-    processes = [
-        train_script(
-            tmp_path / "multihost",
-            "--multihost",
-            f"--coordinator_address={address}",
-            "--num_processes=2",
-            f"--process_id={rank}",
-            "--cpu_devices=1",
-        )
-        for rank in (0, 1)
-    ]
+    processes = two_ranks(tmp_path / "multihost")
     processes.append(train_script(tmp_path / "single", "--cpu_devices=2"))
     stderrs = []
     for process in processes:
@@ -161,24 +169,16 @@ def test_two_processes_match_one_process_on_two_devices(tmp_path):
 def test_a_signal_to_one_process_stops_all_at_one_saved_step(tmp_path):
     # Ctrl-C on one host (or a scheduler's SIGTERM reaching ranks a moment apart):
     # the processes used to stop at different points of collective work and hang.
-    address = f"localhost:{free_port()}"
-    flags = f"--coordinator_address={address}", "--num_processes=2", "--cpu_devices=1"
-    long_run = "--config.num_steps=1000000", "--config.checkpoint_every=1000000"
-    processes = [
-        train_script(tmp_path, "--multihost", *flags, f"--process_id={rank}", *long_run)
-        for rank in (0, 1)
-    ]
+    processes = two_ranks(
+        tmp_path, "--config.num_steps=1000000", "--config.checkpoint_every=1000000"
+    )
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
         assert time.monotonic() < deadline and all(p.poll() is None for p in processes)
         time.sleep(0.5)
     processes[0].send_signal(signal.SIGTERM)
-    try:
-        errors = [p.communicate(timeout=120)[1] for p in processes]
-    finally:
-        for p in processes:
-            p.kill()
+    errors = stderr_of(processes)
     assert [p.returncode for p in processes] == [143, 130], errors[0][-2000:] + errors[1][-2000:]
     step = json.loads(metrics.read_text().splitlines()[-1])["step"]
     assert f"interrupted: saved a checkpoint at step {step}" in errors[0]
@@ -188,18 +188,10 @@ def test_a_signal_to_one_process_stops_all_at_one_saved_step(tmp_path):
 def test_a_run_in_progress_refuses_every_process_of_a_second_one(tmp_path):
     import fcntl
 
-    address = f"localhost:{free_port()}"
-    flags = f"--coordinator_address={address}", "--num_processes=2", "--cpu_devices=1"
     with open(tmp_path / ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a run in progress holds it
-        processes = [
-            train_script(tmp_path, "--multihost", *flags, f"--process_id={rank}") for rank in (0, 1)
-        ]
-        try:
-            errors = [p.communicate(timeout=120)[1] for p in processes]
-        finally:
-            for p in processes:
-                p.kill()
+        processes = two_ranks(tmp_path)
+        errors = stderr_of(processes)
     # Process 1 used to abort (134) with the distributed runtime's fatal-error dump.
     assert [p.returncode for p in processes] == [2, 2], errors[0][-2000:] + errors[1][-2000:]
     for error in errors:
