@@ -322,3 +322,46 @@ def test_time_and_memory_reports_compiled_sizes():
             return None
 
     assert analysis.compiled_memory(NoAnalysis()) is None
+
+
+def test_curvature_of_frozen_leaves_is_of_the_adapted_leaves(monkeypatch):
+    # A leaf the inner loop keeps fixed (inner rate 0: BatchNorm with adapt_norm=False)
+    # is no direction inner SGD moves in: the support spectra leave it out.
+    import importlib.util
+    import types
+
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    monkeypatch.syspath_prepend(str(scripts))  # for its _common
+    spec = importlib.util.spec_from_file_location(
+        "analyze_curvature", scripts / "analyze_curvature.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    adapted_only, traced = analysis.adapted_only, []
+
+    def spy(loss_fn, params, inner_lr):
+        restricted = adapted_only(loss_fn, params, inner_lr)
+
+        def counted(p, batch):
+            traced.append(jax.tree.structure(inner_lr) == jax.tree.structure(params))
+            return restricted(p, batch)
+
+        return counted
+
+    monkeypatch.setattr(analysis, "adapted_only", spy)
+    exp = train.build_experiment(sinusoid.get_config("tiny"))
+    params = exp.init_params
+    frozen = jax.tree_util.tree_map_with_path(  # the first layer kept out of the inner loop
+        lambda path, x: 0.0 if jax.tree_util.keystr(path).startswith("['layers'][0]") else 0.01,
+        params,
+    )
+    frozen_size = sum(np.size(x) for x in jax.tree.leaves(params["layers"][0]))
+    assert frozen_size > 0
+    fake = types.SimpleNamespace(
+        config=exp.config, task=exp.task, loss_fn=exp.loss_fn, inner_lr=frozen
+    )
+    report = script.analyze(fake, params, num_tasks=2, top_k=1, num_iters=2, num_probes=1, seed=0)
+    assert report["num_adapted_params"] == report["num_params"] - frozen_size
+    # The batch's support spectrum (eigenvalues, density, value) and the per-task
+    # lambda_max all see the restricted loss, never the full one.
+    assert len(traced) >= 4 and all(traced)

@@ -117,37 +117,3 @@ def test_other_algorithms_train_without_nans(cache_dir, algorithm, adapt_norm):
     assert any(
         not np.allclose(a, b) for a, b in zip(jax.tree.leaves(initial_params), leaves, strict=True)
     )
-
-
-def test_curvature_of_frozen_batchnorm_is_of_the_adapted_leaves(cache_dir, monkeypatch):
-    import importlib.util
-
-    from maml import analysis
-
-    scripts = Path(__file__).resolve().parents[1] / "scripts"
-    monkeypatch.syspath_prepend(str(scripts))  # for its _common
-    spec = importlib.util.spec_from_file_location(
-        "analyze_curvature", scripts / "analyze_curvature.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    adapted_only, traced = analysis.adapted_only, []
-
-    def spy(loss_fn, params, inner_lr):
-        restricted = adapted_only(loss_fn, params, inner_lr)
-
-        def counted(p, batch):
-            traced.append(jax.tree.structure(inner_lr) == jax.tree.structure(params))
-            return restricted(p, batch)
-
-        return counted
-
-    monkeypatch.setattr(analysis, "adapted_only", spy)
-    exp = train.build_experiment(_tiny(cache_dir, adapt_norm=False), "test")
-    report = script.analyze(
-        exp, exp.init_params, num_tasks=1, top_k=1, num_iters=2, num_probes=1, seed=0
-    )
-    assert report["num_adapted_params"] == report["num_params"] - 4 * 2 * 64  # BatchNorm's
-    # The batch's support spectrum (eigenvalues, density, value) and the per-task
-    # lambda_max all see the restricted loss, never the full one.
-    assert len(traced) >= 4 and all(traced)
