@@ -336,7 +336,7 @@ def conjugate_gradient(
 
 
 def _cg_iterations(matvec: MatVec, b: PyTree, *, num_iters: int, tol: float) -> PyTree:
-    x0, r0 = jax.tree.map(jnp.zeros_like, b), b
+    """``num_iters`` CG iterations for ``A x = b`` from ``x = 0`` (residual ``b``)."""
     threshold = (tol**2) * tree_vdot(b, b)
 
     def axpy(a, x, y):
@@ -357,6 +357,6 @@ def _cg_iterations(matvec: MatVec, b: PyTree, *, num_iters: int, tol: float) -> 
         rs = jnp.where(active, rs_new, rs)
         return x, r, p, rs
 
-    init = (x0, r0, r0, tree_vdot(r0, r0))
+    init = (jax.tree.map(jnp.zeros_like, b), b, b, tree_vdot(b, b))
     x, *_ = jax.lax.fori_loop(0, num_iters, body, init)
     return x
