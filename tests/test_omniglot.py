@@ -122,6 +122,20 @@ def test_cache_path_name_and_env(tmp_path, monkeypatch):
     assert omniglot.cache_path(tmp_path).name == "omniglot-3.0.0-28.npz"
     monkeypatch.setenv("MAML_CACHE_DIR", str(tmp_path / "env"))
     assert omniglot.cache_path(None) == tmp_path / "env" / "omniglot-3.0.0-28.npz"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MAML_CACHE_DIR", "~/env")
+    assert omniglot.cache_path(None) == tmp_path / "home" / "env" / "omniglot-3.0.0-28.npz"
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_unwritable_cache_dir_fails_before_reading(monkeypatch):
+    def read_raw(*args, **kwargs):
+        raise AssertionError("read the dataset before finding the cache cannot be written")
+
+    monkeypatch.setattr(omniglot, "_read_raw", read_raw)
+    # Nothing, not even root, can create a directory in /proc.
+    with pytest.raises(omniglot.DatasetNotFoundError, match="cannot write the Omniglot cache"):
+        omniglot.load_images(data_dir=TFDS_DIR, cache_dir="/proc/self/maml_cache")
 
 
 def test_cache_round_trip(data, cache_dir, tmp_path):
@@ -140,7 +154,19 @@ def _write_npz(path, **arrays):
 
 @pytest.mark.parametrize(
     "corrupt",
-    ["empty", "not_npz", "npy", "format_object", "format_vector", "float_images", "alphabets"],
+    [
+        "empty",
+        "not_npz",
+        "npy",
+        "format_object",
+        "format_vector",
+        "old_format",
+        "float_images",
+        "small_images",
+        "alphabets",
+        "npy_header_byte",
+        "zip_directory_byte",
+    ],
 )
 def test_corrupt_cache_is_rebuilt_not_trusted(data, tmp_path, corrupt):
     bad = omniglot.cache_path(tmp_path / "bad")
@@ -157,10 +183,23 @@ def test_corrupt_cache_is_rebuilt_not_trusted(data, tmp_path, corrupt):
         _write_npz(bad, format=np.array([fmt], object), images=images, alphabet_ids=alphabets)
     elif corrupt == "format_vector":
         _write_npz(bad, format=np.array([fmt, fmt]), images=images, alphabet_ids=alphabets)
+    elif corrupt == "old_format":  # written by another version of this code
+        _write_npz(bad, format=fmt + 1, images=images, alphabet_ids=alphabets)
     elif corrupt == "float_images":
         _write_npz(bad, format=fmt, images=images.astype(np.float32), alphabet_ids=alphabets)
-    else:
+    elif corrupt == "small_images":  # 14x14 images under the 28x28 name
+        _write_npz(bad, format=fmt, images=images[..., ::2, ::2], alphabet_ids=alphabets)
+    elif corrupt == "alphabets":
         _write_npz(bad, format=fmt, images=images, alphabet_ids=alphabets[:5])
+    else:  # one damaged byte: numpy raises tokenize.TokenError / NotImplementedError
+        _write_npz(bad, format=fmt, images=images, alphabet_ids=alphabets)
+        raw = bytearray(bad.read_bytes())
+        if corrupt == "npy_header_byte":
+            # The images' header: a small member's damage is caught by its CRC.
+            raw[raw.index(b"{'descr'", raw.index(b"images.npy"))] = ord(" ")
+        else:  # the zip's "version needed to extract" of a central directory entry
+            raw[raw.index(b"PK\x01\x02") + 6] = 99
+        bad.write_bytes(bytes(raw))
     # Rebuilt rather than trusted: here there is no data to rebuild from.
     with pytest.raises(omniglot.DatasetNotFoundError, match="no_such_dir"):
         omniglot.load_images(data_dir=tmp_path / "no_such_dir", cache_dir=bad.parent)

@@ -17,6 +17,7 @@ import pytest
 from maml import core, evaluate, train
 from maml.configs import ConfigError, validate
 from maml.configs import omniglot as omniglot_configs
+from maml.tasks import omniglot
 
 TFDS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tfds"
 
@@ -35,7 +36,16 @@ def _read_metrics(workdir):
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_tiny_omniglot_trains_resumes_and_evaluates(tmp_path, cache_dir):
+def test_tiny_omniglot_trains_resumes_and_evaluates(tmp_path, cache_dir, monkeypatch):
+    splits = []  # which split each task family the run builds is drawn from
+
+    def from_config(config, split):
+        task = build(config, split)
+        splits.append((split, task.images.shape[0]))
+        return task
+
+    build = omniglot.from_config
+    monkeypatch.setattr(omniglot, "from_config", from_config)
     # Validation only at step 4: one compile of the validation curve, not two.
     config = _tiny(cache_dir, num_steps=2, eval_every=4)
     state = train.train_and_evaluate(config, tmp_path)
@@ -56,7 +66,10 @@ def test_tiny_omniglot_trains_resumes_and_evaluates(tmp_path, cache_dir):
     assert 0.0 <= records[1]["accuracy"] <= 1.0 and 0.0 <= records[1]["val_accuracy"] <= 1.0
     assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(state.params))
 
+    # Finn's split: meta-train on 1100 characters, validate on 100, test on 423.
+    assert splits == 2 * [("train", 1100), ("validation", 100)]
     evaluation = evaluate.evaluate(config, tmp_path)
+    assert splits[4:] == [("test", 423)]
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved == evaluation
     assert saved["metric"] == "accuracy" and saved["checkpoint_step"] == 4
