@@ -189,7 +189,11 @@ def time_ours(args):
 
     def profiled(log_dir: str) -> dict:
         nonlocal state
-        with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+        # Without the HLO protos: they hold the image bank (a compile-time
+        # constant), 20 MB of incompressible bytes in the trace's XPlane file.
+        options = jax.profiler.ProfileOptions()
+        options.enable_hlo_proto = False
+        with jax.profiler.trace(log_dir, create_perfetto_trace=True, profiler_options=options):
             state, metrics = chunk(state, args.steps)
             jax.block_until_ready((state, metrics))
         traces = sorted(Path(log_dir).glob("plugins/profile/*/perfetto_trace.json.gz"))

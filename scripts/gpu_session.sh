@@ -20,6 +20,11 @@
 # into a later call, the same plan item resumes it from its last checkpoint.
 # What is missing is named in session.log and stops the run (exit 2) at once.
 #
+# A session's 15 minutes of device time hold one such call, not two (the
+# machine's start counts too): `bash scripts/gpu_session.sh 590` with the device
+# tool's timeout_s 600, which leaves the last archive 10 s. Archives are written
+# beside and renamed, so a call cut off early still returns whole ones.
+#
 # Before the call, in the checkout (all git-ignored; then carry .cache .whl .peer .runs):
 #   python3 -c "from maml.tasks.omniglot import load_images as l; \
 #     l(data_dir='../shared/data/tfds', cache_dir='.cache/maml')"   # 25 MB, ~20 s
@@ -45,7 +50,9 @@ python3 -c "from flax import nnx; nnx.List, nnx.to_pure_dict" 2>/dev/null \
 left() { echo $((budget - ($(date +%s) - start))); }
 eval_seconds() { local t=$(( $(left) - 10 )); echo $(( t > 90 ? 90 : t )); }  # what is left, at most 90
 log() { echo "[$(($(date +%s) - start))s] $*" | tee -a "$OUT/session.log"; }
-pack_logs() { tar -czf "$OUT/logs.tar.gz" -C "$work" logs; }
+# Written beside, then renamed: a call cut off mid-write keeps the previous archive.
+pack() { tar -czf "$OUT/.$1.part" -C "$2" "$3" && mv -f "$OUT/.$1.part" "$OUT/$1"; }
+pack_logs() { pack logs.tar.gz "$work" logs; }
 
 nvidia-smi -L | tee -a "$OUT/session.log"
 python3 -c "import jax, flax, optax, orbax.checkpoint, ml_collections; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" 2>&1 | tee -a "$OUT/session.log"
@@ -84,6 +91,8 @@ bench C --n-way 5 --k-spt 5 --k-qry 15 --task-num 32 --inner-steps 5 --inner-lr 
 # Where A's step goes: kernel time, device idle share, the costliest ops.
 bench A-profile --n-way 5 --k-spt 1 --k-qry 15 --task-num 32 --inner-steps 1 --inner-lr 0.4 \
   --steps 10 --rounds 1 --profile "$logs/profile_A"
+# The Perfetto trace and its summary are what comes back; the raw XPlane is large.
+rm -f "$logs"/profile_A/plugins/profile/*/*.xplane.pb && pack_logs
 # Is A bound by kernel launches? The same step with XLA's CUDA graphs (command
 # buffers) off, then with the scan's loop body captured too.
 a_alone=(--n-way 5 --k-spt 1 --k-qry 15 --task-num 32 --inner-steps 1 --inner-lr 0.4 --steps 100 --rounds 2)
@@ -111,15 +120,13 @@ train_and_eval() {  # variant, seconds for training
   local rc=$?
   log "train $variant exit $rc at step $(tail -1 "$dir/metrics.jsonl" 2>/dev/null | cut -c1-120)"
   [ "$rc" = 0 ] || [ "$rc" = 124 ] || log "train $variant: $(tail -1 "$logs/train_$name.log")"
+  [ -d "$dir/checkpoints" ] || { log "no checkpoint of $variant to evaluate"; pack_logs; return; }
   # Back in $OUT before evaluating: if the device call's limit cuts what follows,
   # the checkpoint still comes back.
-  tar -czf "$OUT/run_$name.tar.gz" -C "$runs" "$name"
+  pack "run_$name.tar.gz" "$runs" "$name"
   pack_logs
-  local t; t=$(eval_seconds)
-  [ "$t" -lt 20 ] && { log "no time left to evaluate $variant"; return; }
-  timeout "$t" python3 scripts/evaluate.py --config="maml/configs/omniglot.py:$variant" \
-    --workdir="$dir" >"$logs/eval_$name.log" 2>&1
-  log "eval $variant exit $?: $(grep -A4 -- '---' "$logs/eval_$name.log" | tail -3 | tr '\n' ' ')"
+  local t rows
+  # Lake's 20 runs (seconds) before the 600 test tasks, which may not fit after them.
   if [[ $variant == 20way1shot*background* ]]; then
     runs_zip=.runs/all_runs.zip
     [ -f "$runs_zip" ] || runs_zip=../shared/data/omniglot_one_shot_runs/all_runs.zip
@@ -127,12 +134,24 @@ train_and_eval() {  # variant, seconds for training
     if [ "$t" -lt 20 ]; then
       log "no time left to score Lake's runs"
     else
-      timeout "$t" python3 scripts/evaluate_one_shot_runs.py --config="maml/configs/omniglot.py:$variant" \
-        --workdir="$dir" --runs="$runs_zip" >"$logs/one_shot_runs_$name.log" 2>&1
-      log "one-shot runs $variant exit $?: $(grep -- '<- report step' "$logs/one_shot_runs_$name.log")"
+      timeout -k 5 "$t" python3 scripts/evaluate_one_shot_runs.py \
+        --config="maml/configs/omniglot.py:$variant" --workdir="$dir" --runs="$runs_zip" \
+        >"$logs/one_shot_runs_$name.log" 2>&1
+      rc=$?
+      rows=$(grep -- '<- report step' "$logs/one_shot_runs_$name.log")
+      log "one-shot runs $variant exit $rc: ${rows:-$(tail -1 "$logs/one_shot_runs_$name.log")}"
+      pack "run_$name.tar.gz" "$runs" "$name"
     fi
   fi
-  tar -czf "$OUT/run_$name.tar.gz" -C "$runs" "$name"  # now with eval.json
+  t=$(eval_seconds)
+  [ "$t" -lt 20 ] && { log "no time left to evaluate $variant"; pack_logs; return; }
+  timeout -k 5 "$t" python3 scripts/evaluate.py --config="maml/configs/omniglot.py:$variant" \
+    --workdir="$dir" >"$logs/eval_$name.log" 2>&1
+  rc=$?
+  # The table's rows after 1, 3 and 5 steps (Finn reports 3 at 5-way, 5 at 20-way).
+  rows=$(grep -E '^ +[135] \|' "$logs/eval_$name.log" | tr -s ' \n' ' ')
+  log "eval $variant exit $rc: ${rows:-$(tail -1 "$logs/eval_$name.log")}"
+  pack "run_$name.tar.gz" "$runs" "$name"  # now with eval.json
   pack_logs
 }
 # Finn's Table 1 (the plan above), the rows not yet reproduced on a GPU first

@@ -59,6 +59,9 @@ def test_benchmark_prints_one_json_line(tmp_path):
     assert profile["where"] == "host" and profile["ops_per_step"] > 10
     assert 0 < profile["busy_ms_per_step"] <= profile["window_ms_per_step"]
     assert 0 < profile["busy_fraction"] <= 1
+    # Small enough to bring back from a device machine (the HLO protos, image bank
+    # and all, made it 20 MB).
+    assert sum(f.stat().st_size for f in (tmp_path / "profile").rglob("*")) < 4 * 2**20
     saved = json.loads((tmp_path / "profile" / "profile_summary.json").read_text())
     assert saved["top_ops"][:5] == profile["top_ops"]
 
