@@ -54,7 +54,7 @@ def fail(message: str) -> None:
 
 def _parse_flags(argv):
     try:
-        return flags.FLAGS(argv)
+        argv = flags.FLAGS(argv)
     except flags.Error as e:
         fail(one_line(e))
     except (AttributeError, KeyError) as e:
@@ -64,10 +64,17 @@ def _parse_flags(argv):
         if "get_config" in str(e):
             fail("cannot load the --config file: it defines no get_config()")
         if where.filename.startswith(_ML_COLLECTIONS):
-            fail(f"unknown config field {e}: the config file lists the fields there are.")
+            name = str(e).splitlines()[0].strip("\"'")
+            fail(f"unknown config field {name!r}: the config file lists the fields there are.")
         fail(f"cannot load the --config file: {type(e).__name__}: {one_line(e)}")
     except Exception as e:  # the config file's own code failed (SyntaxError, ...)
         fail(f"cannot load the --config file: {type(e).__name__}: {one_line(e)}")
+    if len(argv) > 1:  # absl would drop it: "--config=PATH VARIANT" would train the default
+        fail(
+            f"unexpected argument {argv[1]!r}: the scripts take only flags "
+            "(a config variant goes after a colon: --config=PATH:VARIANT)"
+        )
+    return argv
 
 
 def one_line(error: Exception) -> str:
@@ -204,3 +211,11 @@ def user_errors():
         yield
     except errors as e:
         fail(str(e))
+    except Exception as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        fail(
+            f"out of memory: {one_line(e).removeprefix('RESOURCE_EXHAUSTED: ').rstrip('.')}; lower "
+            "config.meta_batch_size (training) or config.eval_batch_size (evaluation), "
+            "or set config.remat=True"
+        )

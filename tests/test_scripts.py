@@ -4,6 +4,7 @@ SIGTERM saves a checkpoint."""
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -151,7 +152,8 @@ def run(*args, cwd=ROOT, env=None):
         ("--config.inner_lr=-0.5", "config.inner_lr=-0.5 is invalid"),
         ("--config.algorithm=reptile", "config.algorithm='reptile' is invalid"),
         ("--config.num_steps=abc", "--config.num_steps=abc"),
-        ("--config.no_such_field=1", "unknown config field"),
+        ("--config.no_such_field=1", "unknown config field 'no_such_field':"),
+        ("tiny", "unexpected argument 'tiny'"),  # absl would drop it and train the default
         ("--cpu_devices=2", "multiple of the 2 devices"),
         ("--cpu_devices=0", "--cpu_devices"),
         ("--config.seed=18446744073709551616", "config.seed=18446744073709551616 is invalid"),
@@ -165,6 +167,24 @@ def test_train_script_rejects_bad_values_before_compute(tmp_path, override, expe
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "w").exists()  # stopped before doing anything
+
+
+def test_out_of_memory_is_one_line(tmp_path):
+    def cap_memory():  # 8 GB of address space: the meta-batch below needs 5.9 TB
+        resource.setrlimit(resource.RLIMIT_AS, (8 * 2**30, 8 * 2**30))
+
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), f"--config={CONFIG}:tiny"]
+        + ["--config.meta_batch_size=200000000", f"--workdir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=cap_memory,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: out of memory: ")
+    assert "config.meta_batch_size" in result.stderr
 
 
 @pytest.mark.parametrize(
