@@ -445,7 +445,10 @@ def restore_latest(manager: ocp.CheckpointManager, target: TrainState) -> TrainS
         return manager.restore(step, args=ocp.args.StandardRestore(abstract))
     except Exception as e:  # orbax raises many types for a bad or foreign checkpoint
         # The first line, without tensorstore's spec (several KB of JSON).
-        reason = (str(e).splitlines() or [""])[0].split(" [tensorstore_spec")[0][:300]
+        reason = (str(e).splitlines() or [""])[0]
+        for spec in (" [tensorstore_spec", ". See full TensorStore details"):
+            reason = reason.split(spec)[0]
+        reason = reason[:300]
         raise CheckpointError(
             f"cannot restore checkpoint {manager.directory}/{step} ({type(e).__name__}: "
             f"{reason}); it is corrupt or from another config: delete it or use another "

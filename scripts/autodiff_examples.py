@@ -11,6 +11,7 @@ float64. With ``--json`` the script prints a single JSON object instead.
 
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -333,5 +334,18 @@ def main(argv):
         _print_report(results)
 
 
+def _parse_flags(argv):
+    """absl's parser, with a bad flag or a stray argument as one line and exit status 2,
+    as in the other scripts (whose ``_common`` this one, needing no config, does without)."""
+    try:
+        argv = flags.FLAGS(argv)
+        if len(argv) > 1:
+            raise flags.Error(f"unexpected argument {argv[1]!r}: the script takes only flags")
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    return argv
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -19,9 +19,9 @@ The sinusoid MLP runs in float64; the conv net in float32 by default
 away (small steps) or not local (a step of 1e-2 read ~100% error on a correct
 gradient), so a float32 gradient is checked against the float64 reference, to
 1e-3 (1e-6 in float64). Params come from the
-latest checkpoint in ``--workdir`` if it has one (a ``--workdir`` that does
-not exist is an error), else from the config's initialisation, as without
-``--workdir``; ``--checkpoint=best`` takes the best-validation checkpoint.
+latest checkpoint in ``--workdir`` (one without a checkpoint is an error),
+``--checkpoint=best`` takes the best-validation one, and without ``--workdir``
+they are the config's initialisation.
 Writes ``meta_gradient.json`` and ``meta_gradient.png`` to ``--output_dir``
 (default ``--workdir``, else ``runs/meta_gradient``) and prints a table.
 """
@@ -29,12 +29,13 @@ Writes ``meta_gradient.json`` and ``meta_gradient.png`` to ``--output_dir``
 import dataclasses
 import functools
 import json
+import math
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
+from absl import flags, logging
 from ml_collections import config_flags
 
 from maml import analysis, core, train
@@ -58,14 +59,11 @@ FD_TOLERANCE = {"float64": 1e-6, "float32": 1e-3}
 
 
 def load_params(exp, workdir, which="latest"):
-    """``(params, source)``: the ``which`` checkpoint's in ``workdir``; without a latest
-    checkpoint, the initial params (a missing best one is an error)."""
+    """``(params, source)``: the ``which`` checkpoint's in ``workdir``, or without a
+    ``workdir`` the initial params."""
     if not workdir:
         if which == "best":
             _common.fail("--checkpoint=best needs the --workdir of a training run")
-        return exp.init_params, "initial"
-    latest = Path(workdir) / train.CHECKPOINTS["latest"]
-    if which == "latest" and not (latest.is_dir() and any(latest.iterdir())):
         return exp.init_params, "initial"
     _, params, step = train.restore_params(exp.config, workdir, which)
     return params, f"{which} checkpoint step {step}"
@@ -216,6 +214,7 @@ def plot(report, path: Path) -> None:
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs each restore at INFO
     config = flags.FLAGS.config
     if config is not None:
         config_name = config_flags.get_config_filename(flags.FLAGS["config"])
@@ -237,7 +236,7 @@ def main(argv):
         _common.fail(f"--num_tasks={num_tasks} must be a positive integer")
     if _REPEATS.value < 1:
         _common.fail(f"--repeats={_REPEATS.value} must be a positive integer")
-    if not _FD_EPS.value > 0:
+    if not 0 < _FD_EPS.value < math.inf:
         _common.fail(f"--fd_eps={_FD_EPS.value} must be a positive number")
     if flags.FLAGS.cpu_devices is not None:
         _common.fail("--cpu_devices: meta_gradient.py computes on one device; drop the flag")

@@ -145,3 +145,20 @@ def test_functions_are_importable_and_agree(script):
     np.testing.assert_allclose(script.derivatives(2.0), [17.0, 16.0, 6.0, 0.0])
     np.testing.assert_allclose(script.td_examples()["td_stop_gradient"], [-2.4, -4.8, 2.4])
     assert script.straight_through_example(2.7)["f"] == 3.0
+
+
+@pytest.mark.parametrize(
+    "arg, expected",
+    [
+        ("--bogus", "error: Unknown command line flag 'bogus'"),
+        ("--json=maybe", "error: flag --json=maybe"),
+        ("extra", "error: unexpected argument 'extra'"),
+    ],
+)
+def test_bad_arguments_are_one_line_and_exit_2(arg, expected):
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT), arg], capture_output=True, text=True, timeout=120
+    )
+    assert completed.returncode == 2 and completed.stdout == ""
+    assert completed.stderr.strip().splitlines() == [completed.stderr.strip()]
+    assert completed.stderr.startswith(expected)

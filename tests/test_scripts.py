@@ -213,10 +213,18 @@ def test_scripts_on_another_runs_checkpoint_fail_in_one_line(tmp_path, script, o
     assert expected in result.stderr
 
 
-def test_corrupt_checkpoint_fails_in_one_short_line(tmp_path):
+@pytest.mark.parametrize("damage", ["manifest", "data"])
+def test_corrupt_checkpoint_fails_in_one_short_line(tmp_path, damage):
     args = [f"--config={CONFIG}:tiny", f"--workdir={tmp_path}", "--config.checkpoint_every=50"]
     assert run(*args, "--config.num_steps=50").returncode == 0
-    (tmp_path / "checkpoints" / "50" / "default" / "manifest.ocdbt").write_text("x")
+    saved = tmp_path / "checkpoints" / "50" / "default"
+    if damage == "manifest":
+        (saved / "manifest.ocdbt").write_text("x")
+    else:  # the second half of every data file inverted
+        for path in (saved / "ocdbt.process_0" / "d").iterdir():
+            data = path.read_bytes()
+            half = len(data) // 2
+            path.write_bytes(data[:half] + bytes(255 - b for b in data[half:]))
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "evaluate.py"), *args],
         capture_output=True,
@@ -228,6 +236,7 @@ def test_corrupt_checkpoint_fails_in_one_short_line(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert "cannot restore checkpoint" in result.stderr and len(result.stderr) < 800
+    assert "TensorStore" not in result.stderr
 
 
 def test_train_script_rejects_a_file_as_workdir(tmp_path):
