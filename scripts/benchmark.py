@@ -99,6 +99,23 @@ def parse_args(argv=None):
             p.error(f"--compare-peer={args.compare_peer} is not an executable Python")
         if not Path(args.peer_script).is_file():
             p.error(f"--peer-script={args.peer_script} does not exist")
+        try:  # here, not after our side has compiled and run
+            check = subprocess.run(
+                [args.compare_peer, "-c", "import numpy, torch"],
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+        except (OSError, subprocess.TimeoutExpired) as e:
+            p.error(f"--compare-peer={args.compare_peer} does not run: {e}")
+        if check.returncode:
+            last = (check.stderr.strip().splitlines() or ["no output"])[-1]
+            p.error(f"--compare-peer={args.compare_peer} cannot import torch and numpy: {last}")
+    if args.profile:
+        try:  # here, not after the timings
+            Path(args.profile).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            p.error(f"--profile={args.profile} cannot be made: {e}")
     try:  # what the shapes ask of Omniglot: drawings per class, classes
         validate(make_config(args))
     except ConfigError as e:
@@ -286,8 +303,16 @@ def run_peer(args):
     ]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
-        raise RuntimeError(f"the peer failed ({out.returncode}): {out.stderr.strip()[-300:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        raise PeerError(f"the peer failed (exit status {out.returncode}): {last}")
+    try:
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        raise PeerError(f"the peer printed no JSON line: {out.stdout.strip()[-200:]!r}") from None
+
+
+class PeerError(RuntimeError):
+    """The peer did not run, or did not report."""
 
 
 def main(argv=None):
@@ -298,11 +323,14 @@ def main(argv=None):
         print("error: the peer runs second-order MAML only; drop --compare-peer", file=sys.stderr)
         sys.exit(2)
     result, timed, profiled = time_ours(args)
-    ours, peers = [], []
+    ours, peers, peer_error = [], [], None
     for _ in range(args.rounds):
         ours.append(timed())
-        if args.compare_peer:
-            peers.append(run_peer(args))
+        if args.compare_peer and not peer_error:
+            try:
+                peers.append(run_peer(args))
+            except PeerError as e:  # our timings still stand: printed, then exit 2
+                peer_error = str(e)
     s_per_step = statistics.median(ours) / args.steps
     # Both sides' tasks/s as the median of per-round rates, so the ratio is a
     # ratio of medians for an even --rounds too.
@@ -321,7 +349,9 @@ def main(argv=None):
         tasks_per_s=tasks_per_s,
         peak_mem_mib=(analysis.device_peak_bytes() or 0) / 2**20 or None,
     )
-    if peers:
+    if peer_error:
+        result["peer_error"] = peer_error
+    elif peers:
         peer_tps = statistics.median(p["tasks_per_s"] for p in peers)
         result.update(
             peer_tasks_per_s=peer_tps,
@@ -336,6 +366,9 @@ def main(argv=None):
             result["profile"] = {"error": f"{type(e).__name__}: {e}"}
             print(f"warning: profiling failed: {result['profile']['error']}", file=sys.stderr)
     print(json.dumps(result))
+    if peer_error:
+        print(f"error: {peer_error}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -103,6 +103,14 @@ def test_trace_summary_counts_device_ops_and_their_union(tmp_path):
         (["--conv-impl", "fft"], "invalid choice: 'fft'"),
         (["--inner-lr", "0"], "--inner-lr=0.0 is invalid"),
         (["--compare-peer", "/no/such/python"], "--compare-peer=/no/such/python is not"),
+        pytest.param(
+            ["--compare-peer", sys.executable],
+            "cannot import torch and numpy: ModuleNotFound",
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("torch") is not None, reason="torch is installed here"
+            ),
+        ),
+        (["--profile", "/dev/null/profile"], "--profile=/dev/null/profile cannot be made"),
     ],
 )
 def test_benchmark_rejects_bad_sizes(args, message):
@@ -133,6 +141,38 @@ def test_first_order_flag_is_fomaml():
     assert info.value.code == 2
 
 
+def _stub_torch(tmp_path, monkeypatch):
+    """An empty ``torch`` module for the subprocesses: the interpreter given as
+    --compare-peer is checked to import torch before our side compiles."""
+    (tmp_path / "stub").mkdir()
+    (tmp_path / "stub" / "torch.py").write_text("")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "stub"))
+
+
+@pytest.mark.parametrize(
+    "peer_code, message",
+    [
+        ("import sys; sys.exit('RuntimeError: CUDA out of memory')", "exit status 1): Runtime"),
+        ("print('no json here')", "the peer printed no JSON line: 'no json here'"),
+    ],
+)
+def test_a_failing_peer_keeps_our_timings(tmp_path, monkeypatch, capsys, peer_code, message):
+    benchmark = _load_benchmark()
+    monkeypatch.setattr(benchmark, "time_ours", lambda args: ({}, lambda: 1.0, None))
+    peer = tmp_path / "peer.py"
+    peer.write_text(peer_code)
+    _stub_torch(tmp_path, monkeypatch)
+    with pytest.raises(SystemExit) as info:
+        benchmark.main(["--steps", "2", "--rounds", "2", "--compare-peer", sys.executable,
+                        "--peer-script", str(peer)])  # fmt: skip
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)  # our timings, printed before the error
+    assert out["tasks_per_s"] == pytest.approx(32 * 2) and message in out["peer_error"]
+    assert "speedup_vs_peer" not in out
+    assert captured.err.strip() == f"error: {out['peer_error']}"
+
+
 def test_ratio_is_of_medians_and_peer_gets_our_shapes(tmp_path, monkeypatch, capsys):
     """Equal speeds give a ratio of 1 for an even --rounds; the peer gets our shapes."""
     benchmark = _load_benchmark()
@@ -150,6 +190,7 @@ def test_ratio_is_of_medians_and_peer_gets_our_shapes(tmp_path, monkeypatch, cap
     )
     argv = ["--task-num", "6", "--n-way", "3", "--k-spt", "2", "--k-qry", "4", "--steps", "4"]
     argv += ["--inner-steps", "2", "--inner-lr", "0.3", "--rounds", "2", "--peer-steps", "3"]
+    _stub_torch(tmp_path, monkeypatch)
     benchmark.main([*argv, "--compare-peer", sys.executable, "--peer-script", str(peer)])
     out = json.loads(capsys.readouterr().out)
     assert out["tasks_per_s"] == pytest.approx(18.0)  # the median of 24 and 12
