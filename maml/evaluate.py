@@ -8,13 +8,21 @@ or ``eval_best.json`` and ``eval_best.png`` for the best-validation checkpoint.
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import jax
 import ml_collections
 
 from maml import plots
-from maml.train import adaptation_curve, finite_or_null, restore_params, root_keys, summarize
+from maml.train import (
+    adaptation_curve,
+    config_changes,
+    finite_or_null,
+    restore_params,
+    root_keys,
+    summarize,
+)
 
 
 def evaluate(
@@ -30,6 +38,15 @@ def evaluate(
     (then ``write_evaluation(evaluation, workdir)`` does)."""
     workdir = Path(workdir)
     exp, params, step = restore_params(config, workdir, checkpoint)
+    # Settings that trained the model, not evaluation ones: allowed (an ablation,
+    # say adapt_norm), but said and recorded, since they change the numbers.
+    changes = config_changes(workdir, config)
+    if changes:
+        print(
+            f"warning: evaluating with settings other than {workdir / 'config.json'}'s: "
+            f"{'; '.join(changes)}",
+            file=sys.stderr,
+        )
     seed = config.get("eval_seed")
     seed = config.seed if seed is None else seed
     _, eval_key = root_keys(seed)
@@ -62,6 +79,7 @@ def evaluate(
         "test_batch_size": batch_size,
         "checkpoint": checkpoint,
         "checkpoint_step": step,
+        "config_changes": changes,
         "results": results,
     }
     if write:

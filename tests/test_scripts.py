@@ -46,6 +46,7 @@ CONFIG = str(ROOT / "maml" / "configs" / "sinusoid.py")
         ("hidden_sizes", (40, 0), "tuple of positive integers"),
         ("eval_seed", 2**32 + 7, "an integer from 0 to 2**32 - 1"),  # would repeat seed 7
         ("eval_shots", 5, "non-empty tuple"),  # an int from a config file, not a traceback
+        ("eval_shots", (5, 5), "distinct positive integers"),  # evaluated twice, shown once
         ("num_steps", np.int64(100), "(a Python int or float, not numpy's int64)"),
         ("inner_lr", np.float64(-1.0), "finite positive number."),  # the sign, not the type
     ],
@@ -89,6 +90,37 @@ def test_validate_refuses_another_familys_task(config, task, model):
     config.update(task=task, model=model)
     with pytest.raises(ConfigError, match=f"start from maml/configs/{task}.py"):
         validate(config)
+
+
+@pytest.mark.parametrize(
+    "module, field", [(sinusoid, "num_query"), (omniglot_configs, "split_protocol")]
+)
+def test_validate_refuses_a_config_missing_a_field(module, field):
+    # As a config file that deletes a field may build it: a traceback once the run reads it.
+    config = module.get_config()
+    del config[field]
+    with pytest.raises(ConfigError, match=f"no config.{field}: start from maml/configs/"):
+        validate(config)
+
+
+@pytest.mark.parametrize(
+    "variant, expected",
+    [
+        ("20way1shot,5way5shot", "20way1shot conflicts with 5way5shot"),
+        ("fomaml,imaml", "fomaml conflicts with imaml"),
+        ("background,background", "names a part twice"),
+    ],
+)
+def test_omniglot_variants_that_conflict_are_refused(variant, expected):
+    with pytest.raises(ValueError, match=expected):
+        omniglot_configs.get_config(variant)
+
+
+def test_omniglot_tiny_applies_last():
+    for variant in ("tiny,20way1shot", "20way1shot,tiny"):
+        config = omniglot_configs.get_config(variant)
+        validate(config)  # eval_report_step was 20-way's 5 > tiny's 2 inner steps
+        assert (config.num_ways, config.num_steps) == (20, 4)
 
 
 def test_validate_refuses_a_rate_no_float_holds():

@@ -390,6 +390,7 @@ def test_evaluate_writes_eval_json(tmp_path, capsys, monkeypatch):
     assert "sinusoid K=5" in bar and "sinusoid K=10" in bar and "3/3" in bar
     on_disk = json.loads((tmp_path / "eval.json").read_text())
     assert on_disk == result
+    assert result["config_changes"] == []  # evaluation settings only
     assert result["metric"] == "mse" and result["num_tasks"] == config.num_eval_tasks
     assert set(result["results"]) == {"5", "10"}
     for r in result["results"].values():
@@ -414,7 +415,7 @@ def test_eval_json_is_strict_json_when_tasks_diverge(tmp_path):
     assert written["mean"][0] == kept["mean"][0]  # before adaptation: finite, kept
 
 
-def test_eval_seed_draws_the_same_test_tasks_for_runs_of_any_seed(tmp_path):
+def test_eval_seed_draws_the_same_test_tasks_for_runs_of_any_seed(tmp_path, capsys):
     config = tiny(num_steps=50, checkpoint_every=50)
     train.train_and_evaluate(config, tmp_path)
 
@@ -425,7 +426,11 @@ def test_eval_seed_draws_the_same_test_tasks_for_runs_of_any_seed(tmp_path):
     seed, own = means()
     assert seed == 0
     # The parameters come from the checkpoint, the test tasks from eval_seed alone.
+    capsys.readouterr()
     assert means(seed=3, eval_seed=0) == (0, own)
+    # A setting that trained the run (here unused) is said and recorded.
+    assert "warning: evaluating with settings other than" in capsys.readouterr().err
+    assert json.loads((tmp_path / "eval.json").read_text())["config_changes"] == ["seed 0 -> 3"]
     assert means(eval_seed=0) == (0, own)
     other_seed, other = means(eval_seed=3)
     assert other_seed == 3 and other != own

@@ -6,9 +6,8 @@ import ml_collections
 import numpy as np
 
 ALGORITHMS = ("maml", "fomaml", "imaml", "pretrain")
-# The model each task family runs, and a field every config of the family has.
+# The model each task family runs.
 MODELS = {"sinusoid": "mlp", "omniglot": "convnet"}
-FAMILY_FIELDS = {"sinusoid": "hidden_sizes", "omniglot": "num_ways"}
 
 
 class ConfigError(ValueError):
@@ -98,20 +97,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.model={config.model!r} is invalid with config.task={config.task!r}: "
             f"it must be {model!r}."
         )
-    field = FAMILY_FIELDS.get(config.get("task"))
-    if field and field not in config:
-        raise ConfigError(
-            f"config.task={config.task!r} is invalid with this config, which has no "
-            f"config.{field}: start from maml/configs/{config.task}.py instead."
-        )
+    if config.get("task") in MODELS:
+        missing = [name for name in _family_fields(config.task) if name not in config]
+        if missing:
+            raise ConfigError(
+                f"config.task={config.task!r} is invalid with this config, which has no "
+                f"config.{missing[0]}: start from maml/configs/{config.task}.py instead."
+            )
     _check(config, "init", lambda v: v in ("lecun", "finn"), "one of lecun, finn")
     _check(
         config,
         "eval_shots",
         lambda v: (
-            isinstance(v, tuple | list) and len(v) > 0 and all(_is_int(k) and k > 0 for k in v)
+            isinstance(v, tuple | list)
+            and len(v) > 0
+            and all(_is_int(k) and k > 0 for k in v)
+            and len(set(v)) == len(v)
         ),
-        "a non-empty tuple of positive integers",
+        "a non-empty tuple of distinct positive integers",
     )
     _check(
         config,
@@ -135,6 +138,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 f"config.{name}={config[name]!r} is invalid: it must be a multiple of "
                 f"config.{every}={config[every]!r}."
             )
+
+
+def _family_fields(task: str) -> list[str]:
+    """The fields of ``maml/configs/<task>.py``'s default config: each run reads them."""
+    from maml.configs import omniglot, sinusoid
+
+    return list({"sinusoid": sinusoid, "omniglot": omniglot}[task].get_config())
 
 
 def _check_omniglot(config) -> None:
