@@ -3,6 +3,7 @@
 import contextlib
 import logging as std_logging
 import os
+import re
 import signal
 import sys
 import traceback
@@ -174,7 +175,8 @@ def checked_type(config) -> None:
     try:  # ml_collections' stand-in for a file it could not load raises its error
         config["task"]
     except OSError as e:
-        fail(one_line(e))
+        reason = re.search(r"\[Errno \d+\].*", str(e))  # not its "config_config" wording
+        fail(f"cannot load the --config file: {reason[0] if reason else one_line(e)}")
     except Exception:
         pass
     fail(f"--config: get_config() returned {type(config).__name__}, not a ConfigDict")

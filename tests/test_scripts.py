@@ -352,7 +352,11 @@ def test_train_script_keeps_xla_flags_device_count_without_cpu_devices(tmp_path)
 def test_unknown_variant_and_missing_config_file(tmp_path):
     for config, expected in (
         (f"{CONFIG}:no_such_variant", "unknown sinusoid config variant 'no_such_variant'"),
-        (str(tmp_path / "missing.py"), "No such file or directory"),
+        (
+            str(tmp_path / "missing.py"),
+            f"error: cannot load the --config file: [Errno 2] No such file or directory: "
+            f"'{tmp_path / 'missing.py'}'",
+        ),
     ):
         result = run(f"--config={config}", f"--workdir={tmp_path}")
         assert result.returncode == 2, result.stderr
