@@ -6,11 +6,13 @@ import shutil
 import signal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from maml import core, evaluate, imaml, plots, train
+from maml import analysis, core, evaluate, imaml, plots, train
 from maml.configs import ConfigError, sinusoid, validate
 from maml.tasks.sinusoid import Sinusoid
 
@@ -731,3 +733,66 @@ def test_figure_2_names_the_algorithm(tmp_path, monkeypatch, algorithm, title):
     monkeypatch.setattr(plots.plt, "close", figures.append)
     plots.sinusoid_adaptation(exp, exp.init_params, jax.random.key(0), tmp_path / "a.png")
     assert figures[0].axes[0].get_title() == f"{title}, K={exp.task.num_support}"
+
+
+def test_train_step_is_adam_on_the_episode_of_its_step():
+    exp = train.build_experiment(tiny())
+    train_key, _ = train.root_keys(0)
+    state = train.init_state(exp).replace(step=jnp.array(7))
+    new, metrics = jax.jit(lambda s: train.train_step(exp, train_key, s))(state)
+    # Step 7 trains on the episode of fold_in(key, 7), not on the same one every step.
+    episode = exp.task.sample(jax.random.fold_in(train_key, 7), exp.config.meta_batch_size)
+    loss, _, grads = train.meta_loss_and_grad(exp, exp.init_params, episode)
+    np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
+    np.testing.assert_allclose(metrics["grad_norm"], analysis.tree_norm(grads), rtol=1e-5)
+    # One step of Adam at outer_lr (not inner_lr) from the initial parameters.
+    adam = optax.adam(exp.config.outer_lr)
+    updates, _ = adam.update(grads, adam.init(exp.init_params), exp.init_params)
+    expected = optax.apply_updates(exp.init_params, updates)
+    for got, want in zip(jax.tree.leaves(new.params), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert int(new.step) == 8
+
+
+def test_logs_are_chunk_means_and_validation_the_last_row_at_eval_inner_lr(tmp_path, monkeypatch):
+    calls = []
+
+    def curve(exp, task, **kwargs):  # rows: before adaptation 9, after it 1
+        calls.append(kwargs)
+        return lambda params, key, num_tasks: np.stack(
+            [np.full(num_tasks, 9.0), np.ones(num_tasks)]
+        )
+
+    monkeypatch.setattr(train, "make_adaptation_curve", curve)
+    config = tiny(num_steps=50, eval_every=50, eval_inner_lr=0.5)
+    train.train_and_evaluate(config, tmp_path)
+    (record,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert record["val_mse"] == 1.0  # after adaptation
+    assert calls[0]["inner_lr"] == 0.5 and calls[0]["num_inner_steps"] == config.num_inner_steps
+    # The logged loss and gradient norm are the means over the chunk's 50 steps.
+    exp = train.build_experiment(config)
+    _, metrics = train.make_train_chunk(exp, train.root_keys(0)[0])(train.init_state(exp), 50)
+    assert record["loss"] == pytest.approx(float(np.mean(metrics["loss"])), rel=1e-6)
+    assert record["grad_norm"] == pytest.approx(float(np.mean(metrics["grad_norm"])), rel=1e-6)
+
+
+def test_resume_keeps_a_best_checkpoint_saved_at_the_resume_step(tmp_path):
+    def config(num_steps):  # seed 1: the best validation is at step 50, the first
+        return tiny(num_steps=num_steps, eval_every=50, num_val_tasks=16, seed=1)
+
+    train.train_and_evaluate(config(50), tmp_path)
+    train.train_and_evaluate(config(200), tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    best = min(records, key=lambda r: (r["val_mse"], -r["step"]))["step"]
+    assert best == 50  # else this test would not test the resume step
+    assert train.checkpoint_manager(tmp_path, "best", "mse").all_steps() == [best]
+
+
+def test_resume_after_an_odd_end_keeps_the_chunk_boundaries(tmp_path):
+    config = tiny(num_steps=120, checkpoint_every=1000)
+    train.train_and_evaluate(config, tmp_path)
+    config.num_steps = 200
+    train.train_and_evaluate(config, tmp_path)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in lines]
+    assert steps == [50, 100, 120, 150, 200]
