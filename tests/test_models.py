@@ -81,8 +81,38 @@ def _two_pass_batchnorm(x, eps=1e-5, xp=np):
 def test_batchnorm_one_pass_statistics_match_two_pass(offset):
     # Unshifted, E[x^2] - E[x]^2 would lose everything at 1000 std in float32.
     x = np.random.default_rng(0).normal(offset, 1.0, (6, 5, 5, 4))
-    y = BatchStatNorm(4)(jnp.asarray(x, jnp.float32))
-    np.testing.assert_allclose(y, _two_pass_batchnorm(x), atol=2e-4 if offset > 100 else 2e-5)
+    norm = BatchStatNorm(4)
+    scale, bias = np.array([0.5, 2.0, -1.0, 1.0]), np.array([-1.0, 3.0, 0.0, 0.5])
+    norm.scale[...], norm.bias[...] = jnp.asarray(scale), jnp.asarray(bias)
+    y = norm(jnp.asarray(x, jnp.float32))
+    expected = scale * _two_pass_batchnorm(x) + bias
+    np.testing.assert_allclose(y, expected, atol=4e-4 if offset > 100 else 4e-5)
+
+
+@pytest.mark.parametrize("impl", ops.CONV_IMPLS)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv_on_non_square_inputs(impl, stride):
+    x = jax.random.normal(jax.random.key(0), (2, 9, 14, 3))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
+    out = ops.conv2d(x, kernel, stride=stride, impl=impl)
+    np.testing.assert_allclose(out, _reference_conv(x, kernel, stride), atol=1e-4)
+
+
+def test_convnet_forward_is_conv_batchnorm_relu_blocks_then_mean_pool(x64):
+    model = ConvNet(3, rngs=nnx.Rngs(0), channels=4, num_blocks=2, param_dtype=jnp.float64)
+    apply_fn, params = functional(model)
+    # Away from the initial values (BatchNorm scale 1, bias 0), so each leaf counts.
+    keys = iter(jax.random.split(jax.random.key(1), 16))
+    params = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(next(keys), a.shape), params)
+    x = jax.random.normal(jax.random.key(2), (5, 12, 12, 1), jnp.float64)
+    h = np.asarray(x)
+    for i in range(2):
+        block = params["blocks"][i]
+        conv, norm = block["conv"], block["norm"]
+        h = np.asarray(_reference_conv(jnp.asarray(h), conv["kernel"], 2)) + conv["bias"]
+        h = np.maximum(np.asarray(norm["scale"]) * _two_pass_batchnorm(h) + norm["bias"], 0.0)
+    expected = h.mean(axis=(1, 2)) @ np.asarray(params["head"]["kernel"]) + params["head"]["bias"]
+    np.testing.assert_allclose(apply_fn(params, x), expected, rtol=1e-9, atol=1e-9)
 
 
 def test_batchnorm_gradient_matches_two_pass(x64):
