@@ -167,6 +167,16 @@ def test_remat_gives_the_same_meta_gradient(x64):
         for r in (False, True)
     ]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12), *grads)
+    # The same numbers whether or not remat is applied: check that it is.
+    primitives = [
+        {eqn.primitive.name for eqn in jax.make_jaxpr(
+            lambda p, r=r: jax.grad(maml.meta_loss, argnums=1)(
+                loss_fn, p, support, query, inner_lr=0.05, num_inner_steps=3, remat=r
+            )
+        )(params).jaxpr.eqns}
+        for r in (False, True)
+    ]  # fmt: skip
+    assert "remat2" not in primitives[0] and "remat2" in primitives[1]
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])

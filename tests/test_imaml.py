@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-from maml import MLP, functional, imaml
+from maml import MLP, functional, imaml, second_order
 
 # Every test runs in float64 (conftest's x64 fixture restores the flag after).
 pytestmark = pytest.mark.usefixtures("x64")
@@ -95,6 +95,21 @@ def test_too_few_cg_steps_are_inexact():
         errors.append(np.linalg.norm(grad - expected) / np.linalg.norm(expected))
     assert errors[0] > 1e-2
     assert errors[1] < 1e-8
+
+
+@pytest.mark.parametrize("num_cg_steps", [1, 2])
+def test_meta_gradient_is_num_cg_steps_of_cg_on_the_implicit_system(num_cg_steps):
+    n, lam = 8, 0.3
+    support, query = quadratic_task(n, seed=2)
+    theta = jnp.zeros(n)
+    kwargs = converged_kwargs(support, lam, num_cg_steps)
+    _, grad = imaml.imaml_loss_and_grad(quadratic_loss, theta, support, query, **kwargs)
+    (A_s, _), (A_q, b_q) = support, query
+    phi = closed_form(theta, support, query, lam)[0]
+    expected = second_order.conjugate_gradient(
+        lambda v: v + A_s @ v / lam, A_q @ phi - b_q, num_iters=num_cg_steps
+    )
+    np.testing.assert_allclose(grad, expected, rtol=1e-8)
 
 
 @pytest.mark.parametrize(

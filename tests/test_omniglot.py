@@ -398,6 +398,8 @@ def test_loss_and_metrics():
     # Collapsed or diverged logits score 0, not the share of label 0.
     for flat in (jnp.zeros((4, 3)), jnp.full((4, 3), jnp.nan)):
         assert omniglot.Omniglot.metrics(flat, labels)["accuracy"] == 0.0
+    # One NaN rival is enough: the label's logit is not the strictly largest.
+    assert not omniglot.correct(jnp.array([[5.0, jnp.nan, 0.0]]), jnp.array([0]))[0]
     logits = jax.random.normal(jax.random.key(0), (4, 3))
     expected = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
     np.testing.assert_allclose(omniglot.Omniglot.loss(logits, labels), expected, rtol=1e-5)
