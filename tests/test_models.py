@@ -99,7 +99,9 @@ def test_conv_on_non_square_inputs(impl, stride):
 
 
 def test_convnet_forward_is_conv_batchnorm_relu_blocks_then_mean_pool(x64):
-    model = ConvNet(3, rngs=nnx.Rngs(0), channels=4, num_blocks=2, param_dtype=jnp.float64)
+    model = ConvNet(
+        3, rngs=nnx.Rngs(0), channels=4, num_blocks=2, param_dtype=jnp.float64, conv_impl="lax"
+    )
     apply_fn, params = functional(model)
     # Away from the initial values (BatchNorm scale 1, bias 0), so each leaf counts.
     keys = iter(jax.random.split(jax.random.key(1), 16))

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -166,6 +167,20 @@ def test_checkpoint_every_must_be_a_multiple_of_log_every():
         validate(config)
 
 
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A workdir of the tiny sinusoid config trained to step 50 (a checkpoint there),
+    trained once per module: tests that change it take a ``copy``."""
+    workdir = tmp_path_factory.mktemp("tiny_run") / "w"
+    args = ["--config.num_steps=50", "--config.checkpoint_every=50"]
+    assert run(f"--config={CONFIG}:tiny", f"--workdir={workdir}", *args).returncode == 0
+    return workdir
+
+
+def copy(workdir, tmp_path):
+    return shutil.copytree(workdir, tmp_path / "w")
+
+
 def run(*args, cwd=ROOT, env=None):
     return subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "train.py"), *args],
@@ -228,9 +243,11 @@ def test_out_of_memory_is_one_line(tmp_path):
         ("train.py", "--config.num_steps=100", None),  # resumes and trains on
     ],
 )
-def test_scripts_on_another_runs_checkpoint_fail_in_one_line(tmp_path, script, override, expected):
-    args = [f"--config={CONFIG}:tiny", f"--workdir={tmp_path}", "--config.checkpoint_every=50"]
-    assert run(*args, "--config.num_steps=50").returncode == 0
+def test_scripts_on_another_runs_checkpoint_fail_in_one_line(
+    tiny_run, tmp_path, script, override, expected
+):
+    args = [f"--config={CONFIG}:tiny", f"--workdir={copy(tiny_run, tmp_path)}"]
+    args.append("--config.checkpoint_every=50")
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / script), *args, override],
         capture_output=True,
@@ -246,10 +263,10 @@ def test_scripts_on_another_runs_checkpoint_fail_in_one_line(tmp_path, script, o
 
 
 @pytest.mark.parametrize("damage", ["manifest", "data"])
-def test_corrupt_checkpoint_fails_in_one_short_line(tmp_path, damage):
-    args = [f"--config={CONFIG}:tiny", f"--workdir={tmp_path}", "--config.checkpoint_every=50"]
-    assert run(*args, "--config.num_steps=50").returncode == 0
-    saved = tmp_path / "checkpoints" / "50" / "default"
+def test_corrupt_checkpoint_fails_in_one_short_line(tiny_run, tmp_path, damage):
+    workdir = copy(tiny_run, tmp_path)
+    args = [f"--config={CONFIG}:tiny", f"--workdir={workdir}", "--config.checkpoint_every=50"]
+    saved = workdir / "checkpoints" / "50" / "default"
     if damage == "manifest":
         (saved / "manifest.ocdbt").write_text("x")
     else:  # the second half of every data file inverted
@@ -296,13 +313,13 @@ def test_train_script_checks_its_directories_before_compute(tmp_path, where):
     assert expected in result.stderr
 
 
-def test_corrupt_config_json_fails_in_one_line(tmp_path):
-    args = [f"--config={CONFIG}:tiny", f"--workdir={tmp_path}", "--config.log_every=10"]
-    assert run(*args, "--config.num_steps=10", "--config.checkpoint_every=10").returncode == 0
+def test_corrupt_config_json_fails_in_one_line(tiny_run, tmp_path):
+    workdir = copy(tiny_run, tmp_path)
+    args = [f"--config={CONFIG}:tiny", f"--workdir={workdir}", "--config.checkpoint_every=50"]
     # Cut short; valid JSON but no settings (a traceback, or a resume that checked nothing).
     for text in ('{"task": "sinus', "null", "[1, 2]"):
-        (tmp_path / "config.json").write_text(text)
-        result = run(*args, "--config.num_steps=20")
+        (workdir / "config.json").write_text(text)
+        result = run(*args, "--config.num_steps=100")
         assert result.returncode == 2 and "Traceback" not in result.stderr, text
         assert "config.json, the run's settings, is not a JSON object of settings" in result.stderr
 

@@ -742,7 +742,7 @@ def test_train_step_is_adam_on_the_episode_of_its_step():
     new, metrics = jax.jit(lambda s: train.train_step(exp, train_key, s))(state)
     # Step 7 trains on the episode of fold_in(key, 7), not on the same one every step.
     episode = exp.task.sample(jax.random.fold_in(train_key, 7), exp.config.meta_batch_size)
-    loss, _, grads = train.meta_loss_and_grad(exp, exp.init_params, episode)
+    loss, _, grads = jax.jit(lambda e: train.meta_loss_and_grad(exp, exp.init_params, e))(episode)
     np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
     np.testing.assert_allclose(metrics["grad_norm"], analysis.tree_norm(grads), rtol=1e-5)
     # One step of Adam at outer_lr (not inner_lr) from the initial parameters.
