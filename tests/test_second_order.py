@@ -195,6 +195,15 @@ def test_spectral_density_is_exact_for_a_diagonal_hessian():
         np.testing.assert_allclose(low, 0.6, atol=1e-3)
         assert abs(float(grid[jnp.argmax(density)]) - 1.0) < 0.05
         assert float(grid[0]) < 1.0 and float(grid[-1]) > 10.0  # the grid spans both
+    # The default broadening is 1% of the Ritz values' range, here 0.09.
+    grid = jnp.linspace(0.0, 11.0, 500)
+    densities = [
+        so.spectral_density(
+            f, jnp.zeros(10), num_iters=10, num_probes=4, key=jax.random.key(0), grid=grid, sigma=s
+        )[1]
+        for s in (None, 0.09)
+    ]
+    np.testing.assert_allclose(*densities, rtol=1e-3, atol=1e-6)
 
 
 def test_spectral_density_moments_with_fewer_lanczos_steps_than_parameters():
