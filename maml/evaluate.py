@@ -8,7 +8,6 @@ or ``eval_best.json`` and ``eval_best.png`` for the best-validation checkpoint.
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import jax
@@ -17,11 +16,11 @@ import ml_collections
 from maml import plots
 from maml.train import (
     adaptation_curve,
-    config_changes,
     finite_or_null,
     restore_params,
     root_keys,
     summarize,
+    warn_of_config_changes,
 )
 
 
@@ -38,15 +37,7 @@ def evaluate(
     (then ``write_evaluation(evaluation, workdir)`` does)."""
     workdir = Path(workdir)
     exp, params, step = restore_params(config, workdir, checkpoint)
-    # Settings that trained the model, not evaluation ones: allowed (an ablation,
-    # say adapt_norm), but said and recorded, since they change the numbers.
-    changes = config_changes(workdir, config)
-    if changes:
-        print(
-            f"warning: evaluating with settings other than {workdir / 'config.json'}'s: "
-            f"{'; '.join(changes)}",
-            file=sys.stderr,
-        )
+    changes = warn_of_config_changes(workdir, config)
     seed = config.get("eval_seed")
     seed = config.seed if seed is None else seed
     _, eval_key = root_keys(seed)

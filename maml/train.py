@@ -568,6 +568,20 @@ def config_changes(
     ]
 
 
+def warn_of_config_changes(workdir: Path, config: ml_collections.ConfigDict) -> list[str]:
+    """``config_changes(workdir, config)``, printed as a warning when there are any: for
+    an evaluation, which may change a setting that trained the run (an ablation, say
+    ``adapt_norm``), but should say so and record it, since it changes the numbers."""
+    changes = config_changes(Path(workdir), config)
+    if changes:
+        print(
+            f"warning: evaluating with settings other than {Path(workdir) / 'config.json'}'s: "
+            f"{'; '.join(changes)}",
+            file=sys.stderr,
+        )
+    return changes
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drops log lines past ``step`` (they belong to a run that did not checkpoint
     them) and any line cut short, so that the next line starts on a line of its own."""

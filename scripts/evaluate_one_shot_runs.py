@@ -60,6 +60,7 @@ def main(argv):
     with _common.user_errors():
         # Refuses a config whose split is not the one the model was trained on.
         exp, params, step = train.restore_params(config, workdir, CHECKPOINT.value)
+        changes = train.warn_of_config_changes(workdir, config)
         if config.get("split_protocol") != "background":
             print(
                 f"warning: config.split_protocol={config.get('split_protocol')!r}: the model "
@@ -81,6 +82,7 @@ def main(argv):
         "split_protocol": config.get("split_protocol"),
         "inner_lr": config.eval_inner_lr,
         "report_step": config.eval_report_step,
+        "config_changes": changes,
         **result,
     }
     name = "one_shot_runs" if CHECKPOINT.value == "latest" else f"one_shot_runs_{CHECKPOINT.value}"

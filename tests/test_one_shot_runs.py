@@ -323,6 +323,7 @@ def test_script_writes_json_and_warns_about_the_split(tmp_path, cache_dir, runs)
     manager = train.checkpoint_manager(tmp_path)
     manager.save(0, args=ocp.args.StandardSave(train.init_state(exp)))
     manager.wait_until_finished()
+    (tmp_path / "config.json").write_text('{"adapt_norm": false}')  # trained without
     result = _run_script(
         f"--config={CONFIG}:20way1shot",  # Finn's split: the runs' alphabets were trained on
         f"--config.data_dir={TFDS_DIR}",
@@ -335,10 +336,12 @@ def test_script_writes_json_and_warns_about_the_split(tmp_path, cache_dir, runs)
     )
     assert result.returncode == 0, result.stderr
     assert "warning: config.split_protocol='finn'" in result.stderr
+    assert "warning: evaluating with settings other than" in result.stderr
     assert "people 4.5%" in result.stdout and "Bayesian Program Learning 3.3%" in result.stdout
     saved = json.loads((tmp_path / "one_shot_runs.json").read_text())
     assert saved["checkpoint_step"] == 0 and saved["inner_steps"] == [0, 1]
     assert saved["report_step"] == 1 and saved["inner_lr"] == 0.1
+    assert saved["config_changes"] == ["adapt_norm False -> True"]
     assert saved["num_items"] == 400 and len(saved["runs"]) == 20
     assert saved["published"] == one_shot_runs.PUBLISHED_ERROR
     assert all(0.0 <= e <= 1.0 for e in saved["error"])
