@@ -21,6 +21,7 @@ from maml.train import (
     root_keys,
     summarize,
     warn_of_config_changes,
+    write_text_atomic,
 )
 
 
@@ -84,9 +85,8 @@ def write_evaluation(evaluation: dict, workdir: str | Path) -> None:
     workdir = Path(workdir)
     checkpoint = evaluation["checkpoint"]
     name = "eval" if checkpoint == "latest" else f"eval_{checkpoint}"
-    (workdir / f"{name}.json").write_text(
-        json.dumps(finite_or_null(evaluation), indent=2, allow_nan=False) + "\n"
-    )
+    text = json.dumps(finite_or_null(evaluation), indent=2, allow_nan=False)
+    write_text_atomic(workdir / f"{name}.json", text + "\n")
     (workdir / "plots").mkdir(exist_ok=True)
     plots.adaptation_curves(evaluation, workdir / "plots" / f"{name}.png")
 

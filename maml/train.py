@@ -493,6 +493,18 @@ def finite_or_null(tree):
     return tree
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file beside it and a rename, so that
+    a write that fails (a full disk) leaves the file as it was, not empty or cut short."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _read_metrics(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -590,9 +602,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     kept = [r for r in _read_metrics(path) if r["step"] <= step]
     text = "".join(json.dumps(r) + "\n" for r in kept)
     if path.read_text() != text:  # replaced whole, so that a crash here loses no line
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        write_text_atomic(path, text)
 
 
 def _any_process(flag: bool) -> bool:
@@ -735,7 +745,7 @@ def _train_and_evaluate(
         for stale in workdir.glob("config.step*.json"):
             stale.unlink()
     if is_main:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+        write_text_atomic(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
     start = int(state.step)
     if start >= config.num_steps and is_main:
         print(

@@ -255,7 +255,7 @@ def main(argv):
         "wall_s": time.perf_counter() - t0,
     }
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "curvature.json").write_text(json.dumps(report, indent=2) + "\n")
+    train.write_text_atomic(output_dir / "curvature.json", json.dumps(report, indent=2) + "\n")
     plot(report, output_dir / "curvature.png")
     print_summary(report)
     print(f"wrote {output_dir / 'curvature.json'} and {output_dir / 'curvature.png'}")

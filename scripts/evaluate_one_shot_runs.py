@@ -88,7 +88,7 @@ def main(argv):
     name = "one_shot_runs" if CHECKPOINT.value == "latest" else f"one_shot_runs_{CHECKPOINT.value}"
     # One run has no CI (NaN); strict JSON has no NaN.
     text = json.dumps(train.finite_or_null(result), indent=2, allow_nan=False)
-    (workdir / f"{name}.json").write_text(text + "\n")
+    train.write_text_atomic(workdir / f"{name}.json", text + "\n")
     print(one_shot_runs.format_table(result, report_step=config.eval_report_step))
 
 

@@ -279,7 +279,7 @@ def main(argv):
         "results": results,
     }
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "meta_gradient.json").write_text(json.dumps(report, indent=2) + "\n")
+    train.write_text_atomic(output_dir / "meta_gradient.json", json.dumps(report, indent=2) + "\n")
     plot(report, output_dir / "meta_gradient.png")
     print_table(report)
     print(f"wrote {output_dir / 'meta_gradient.json'} and {output_dir / 'meta_gradient.png'}")

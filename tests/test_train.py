@@ -1,9 +1,11 @@
 """Meta-training end to end on tiny configs: learning, resuming, evaluating."""
 
+import errno
 import json
 import re
 import shutil
 import signal
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -791,3 +793,20 @@ def test_resumes_keep_the_chunk_boundaries_and_a_best_checkpoint_saved_at_their_
     best = min(validated, key=lambda r: (r["val_mse"], -r["step"]))["step"]
     assert best == 50  # else this test would not test the resume step
     assert train.checkpoint_manager(tmp_path, "best", "mse").all_steps() == [best]
+
+
+def test_a_failed_write_leaves_the_old_eval_json_whole(tmp_path, monkeypatch):
+    old = '{"results": "earlier"}\n'
+    (tmp_path / "eval.json").write_text(old)
+    write_text = Path.write_text
+
+    def disk_full(path, text, *args, **kwargs):
+        write_text(path, text[:10], *args, **kwargs)  # what fit before the disk filled
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        evaluate.write_evaluation({"checkpoint": "latest", "results": {}}, tmp_path)
+    monkeypatch.undo()
+    assert (tmp_path / "eval.json").read_text() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]  # no temporary left
