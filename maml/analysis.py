@@ -138,8 +138,10 @@ def finite_difference_check(
     Args:
       f: scalar function of ``params``; ``grads`` claims to be its gradient.
       params, grads, direction: pytrees of the same structure.
-      eps: step of ``(f(p + eps v) - f(p - eps v)) / (2 eps)``; about
-        ``1e-6`` in float64, ``1e-2`` in float32 (rounding grows as ``1/eps``).
+      eps: step of ``(f(p + eps v) - f(p - eps v)) / (2 eps)``; about ``1e-6`` in
+        float64. In float32 no step checks a gradient tightly (rounding grows as
+        ``1/eps``, truncation as ``eps**2``): ``scripts/meta_gradient.py`` differences
+        in float64 for that reason.
 
     Returns:
       ``{"analytic", "finite_difference", "relative_error"}``, the error

@@ -3,7 +3,7 @@ after 0..``eval_inner_steps`` inner SGD steps, mean and 95% CI, per shot K.
 
 ``evaluate(config, workdir)`` is what ``scripts/evaluate.py`` calls; it writes
 ``workdir/eval.json`` and ``workdir/plots/eval.png`` (Finn et al.'s Figure 3),
-or ``eval_best.json`` and ``eval_best.png`` for the best-validation checkpoint.
+or ``eval_best.json`` and ``plots/eval_best.png`` for the best-validation checkpoint.
 """
 
 import dataclasses

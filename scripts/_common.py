@@ -25,7 +25,7 @@ flags.DEFINE_integer(
     "cpu_devices",
     None,
     "On the CPU backend, split the cores into this many XLA devices and shard the "
-    "tasks over them (config.meta_batch_size must divide by it). 2 on a 2-core "
+    "tasks over them (in training, config.meta_batch_size must divide by it). 2 on a 2-core "
     "machine ran the Omniglot meta-step 10-15% faster than 1 in paired runs (not in "
     "every run). Unset: JAX's default "
     "(1, or XLA_FLAGS=--xla_force_host_platform_device_count).",

@@ -38,6 +38,7 @@ from maml import analysis, core, train
 import _common
 
 CHECKPOINT = _common.define_checkpoint_flag()
+flags.adopt_module_key_flags(_common)  # --help lists --config, --workdir, ...
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where to write (default: --workdir).")
 _NUM_TASKS = flags.DEFINE_integer("num_tasks", 4, "Tasks in the sampled batch.")
 _TOP_K = flags.DEFINE_integer("top_k", 5, "Number of top eigenvalues.")

@@ -15,6 +15,7 @@ from maml import evaluate
 import _common
 
 CHECKPOINT = _common.define_checkpoint_flag()
+flags.adopt_module_key_flags(_common)  # --help lists --config, --workdir, ...
 
 
 def main(argv):

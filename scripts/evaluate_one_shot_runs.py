@@ -1,6 +1,6 @@
 """Evaluates a 20-way 1-shot checkpoint on Lake et al.'s 20 within-alphabet one-shot runs.
 
-    python scripts/evaluate_one_shot_runs.py \
+    python scripts/evaluate_one_shot_runs.py \\
         --config=maml/configs/omniglot.py:20way1shot,background --workdir=runs/o20w1s_bg
 
 Adapts the latest checkpoint in --workdir (--checkpoint=best: the one with the
@@ -26,6 +26,7 @@ from maml.tasks import omniglot
 import _common
 
 CHECKPOINT = _common.define_checkpoint_flag()
+flags.adopt_module_key_flags(_common)  # --help lists --config, --workdir, ...
 
 DEFAULT_RUNS = (
     Path(__file__).resolve().parents[1].parent

@@ -43,6 +43,8 @@ from maml.configs import ConfigError, sinusoid, validate
 
 import _common
 
+flags.adopt_module_key_flags(_common)  # --help lists --config, --workdir, ...
+
 _OUTPUT_DIR = flags.DEFINE_string(
     "output_dir", None, "Where to write outputs (default: --workdir, else runs/meta_gradient)."
 )
@@ -159,7 +161,7 @@ def print_table(report) -> None:
         f"{report['config_name']}: {report['num_params']} params ({report['dtype']}, "
         f"{report['params_source']}), {report['num_tasks']} tasks, {report['backend']}"
     )
-    header = f"{'K':>3} {'method':<12} {'time ms':>9} {'temp MiB':>9} {'norm':>10}"
+    header = f"{'steps':>5} {'method':<12} {'time ms':>9} {'temp MiB':>9} {'norm':>10}"
     header += f" {'cos exact':>10}"
     print(header)
     for r in report["results"]:
@@ -168,7 +170,7 @@ def print_table(report) -> None:
             temp_s = f"{temp / 2**20:9.3f}" if temp is not None else f"{'n/a':>9}"
             cos = 1.0 if name == "exact" else r["cosine"].get(f"exact/{name}", float("nan"))
             print(
-                f"{r['num_inner_steps']:>3} {name:<12} {1e3 * m['median_s']:9.3f} {temp_s} "
+                f"{r['num_inner_steps']:>5} {name:<12} {1e3 * m['median_s']:9.3f} {temp_s} "
                 f"{m['norm']:10.4g} {cos:10.6f}"
             )
         fd = r["finite_difference"]

@@ -17,12 +17,15 @@ from maml import train
 
 import _common
 
+flags.adopt_module_key_flags(_common)  # --help lists --config, --workdir, ...
+
 flags.DEFINE_bool(
     "multihost",
     False,
     "Call jax.distributed.initialize() first: one process per host, all devices of all "
     "hosts in one mesh. On SLURM, Open MPI and Cloud TPU the coordinator and ranks come "
-    "from the environment; elsewhere give the three flags below.",
+    "from the environment; elsewhere give --coordinator_address, --num_processes and "
+    "--process_id.",
 )
 flags.DEFINE_bool(
     "allow_config_change",

@@ -117,6 +117,21 @@ def test_omniglot_variants_that_conflict_are_refused(variant, expected):
         omniglot_configs.get_config(variant)
 
 
+@pytest.mark.parametrize(
+    "module, variants",
+    [
+        (sinusoid, ("k5", "k20", "pretrain", "fomaml", "tiny")),
+        (omniglot_configs, (*omniglot_configs.SHAPES, "fomaml", "imaml", "background", "tiny")),
+    ],
+)
+def test_an_unknown_variant_is_refused_naming_the_variants_there_are(module, variants):
+    with pytest.raises(ValueError, match="unknown .* config variant 'k6': ") as error:
+        module.get_config("k6")
+    for name in variants:
+        assert re.search(rf"\b{name}\b", str(error.value).split("'k6'")[1]), name
+        validate(module.get_config(name))
+
+
 def test_omniglot_tiny_applies_last():
     for variant in ("tiny,20way1shot", "20way1shot,tiny"):
         config = omniglot_configs.get_config(variant)
@@ -190,6 +205,21 @@ def run(*args, cwd=ROOT, env=None):
         env=env,
         timeout=120,
     )
+
+
+@pytest.mark.parametrize("script", ["train.py", "evaluate.py"])
+def test_help_lists_the_shared_flags(script):
+    # absl's --help lists only the main module's flags; --config and --workdir are _common's.
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    shared = ["--config", "--workdir", "--cpu_devices"]
+    shared += ["--checkpoint"] if script == "evaluate.py" else []
+    for flag in shared:
+        assert re.search(rf"^  {flag}:", result.stdout, re.M), flag
 
 
 @pytest.mark.parametrize(

@@ -96,5 +96,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
             c.eval_report_step = 1
             c.eval_batch_size = 3
         else:
-            raise ValueError(f"unknown omniglot config variant {part!r}")
+            raise ValueError(
+                f"unknown omniglot config variant {part!r}: join with commas one of "
+                f"{', '.join(SHAPES)} and any of fomaml or imaml, background, tiny"
+            )
     return c

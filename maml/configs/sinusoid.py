@@ -61,5 +61,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         c.eval_inner_steps = 2
         c.eval_num_query = 10
     else:
-        raise ValueError(f"unknown sinusoid config variant {variant!r}")
+        raise ValueError(
+            f"unknown sinusoid config variant {variant!r}: the variants are "
+            "k5, k20, pretrain, fomaml and tiny"
+        )
     return c
