@@ -960,6 +960,12 @@ def restore_params(
 ) -> tuple[Experiment, PyTree, int]:
     """``(experiment, params, step)`` of the ``latest`` or ``best`` checkpoint in ``workdir``."""
     workdir = Path(workdir)
+    family = config_changes(workdir, config, ("task",))
+    if family:
+        raise ConfigError(
+            f"{workdir} holds a run of another task family ({family[0]}, from its "
+            "config.json): use the config it was trained with."
+        )
     # Another split would put characters the model trained on among the test ones.
     split = config_changes(workdir, config, SPLIT_FIELDS)
     if split:

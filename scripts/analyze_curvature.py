@@ -234,6 +234,7 @@ def main(argv):
     output_dir = Path(_OUTPUT_DIR.value or workdir)
     _common.check_directory(output_dir, "--output_dir")
     with _common.user_errors():
+        changes = train.warn_of_config_changes(Path(workdir), config)
         exp, params, step = train.restore_params(config, workdir, CHECKPOINT.value)
         num_params = sum(x.size for x in jax.tree.leaves(params))
         if _TOP_K.value > num_params:
@@ -247,16 +248,29 @@ def main(argv):
             num_probes=_NUM_PROBES.value,
             seed=_SEED.value,
         )
+    curvatures = [
+        report[name][key]
+        for name in ("support_loss", "meta_loss")
+        for key in ("value", "eigenvalues", "density")
+    ]
+    if not np.all(np.isfinite(np.concatenate([np.ravel(c) for c in curvatures]))):
+        _common.fail(
+            f"the support loss, the meta-loss or their curvature is not finite at step {step} "
+            f"with inner_lr={config.inner_lr} and {config.num_inner_steps} inner steps: "
+            "nothing to analyze (evaluate.py shows where inner SGD diverges)"
+        )
     report = {
         "config_name": config_flags.get_config_filename(flags.FLAGS["config"]),
         "checkpoint": CHECKPOINT.value,
         "step": step,
+        "config_changes": changes,
         "backend": jax.default_backend(),
         **report,
         "wall_s": time.perf_counter() - t0,
     }
     output_dir.mkdir(parents=True, exist_ok=True)
-    train.write_text_atomic(output_dir / "curvature.json", json.dumps(report, indent=2) + "\n")
+    text = json.dumps(train.finite_or_null(report), indent=2, allow_nan=False)
+    train.write_text_atomic(output_dir / "curvature.json", text + "\n")
     plot(report, output_dir / "curvature.png")
     print_summary(report)
     print(f"wrote {output_dir / 'curvature.json'} and {output_dir / 'curvature.png'}")

@@ -250,7 +250,10 @@ def main(argv):
     x64 = _X64.value if _X64.value is not None else config.model == "mlp"
     precision = "float64" if x64 else "float32"
     with _common.user_errors():
-        exp = train.build_experiment(config, "train")
+        changes = train.warn_of_config_changes(Path(workdir), config) if workdir else []
+        # The train split's tasks, on a mesh that does not split the meta-batch: this
+        # script computes on one device, so any device count is fine.
+        exp = train.build_experiment(config, "test", task=train.build_task(config, "train"))
         params, source = load_params(exp, workdir, _CHECKPOINT.value)
         train_key, _ = train.root_keys(config.seed)
         episode = exp.task.sample(jax.random.fold_in(train_key, 0), num_tasks)
@@ -278,10 +281,12 @@ def main(argv):
         "backend": jax.default_backend(),
         "device": str(jax.devices()[0].device_kind),
         "inner_steps": inner_steps,
+        "config_changes": changes,
         "results": results,
     }
     output_dir.mkdir(parents=True, exist_ok=True)
-    train.write_text_atomic(output_dir / "meta_gradient.json", json.dumps(report, indent=2) + "\n")
+    text = json.dumps(train.finite_or_null(report), indent=2, allow_nan=False)
+    train.write_text_atomic(output_dir / "meta_gradient.json", text + "\n")
     plot(report, output_dir / "meta_gradient.png")
     print_table(report)
     print(f"wrote {output_dir / 'meta_gradient.json'} and {output_dir / 'meta_gradient.png'}")

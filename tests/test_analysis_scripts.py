@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,8 @@ from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 from maml import analysis, core, second_order, train
-from maml.configs import sinusoid
+from maml.configs import ConfigError, sinusoid
+from maml.configs import omniglot as omniglot_configs
 from maml.models import MLP, functional
 from maml.tasks.sinusoid import Sinusoid
 
@@ -22,13 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "maml" / "configs" / "sinusoid.py") + ":tiny"
 
 
-def start(script, *args):
+def start(script, *args, env=None):
     return subprocess.Popen(
         [sys.executable, str(ROOT / "scripts" / script), f"--config={CONFIG}", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
+        env=env,
     )
 
 
@@ -179,6 +182,59 @@ def test_analyze_curvature_refuses_top_k_past_the_parameters(workdir, tmp_path):
     code, _, stderr = finish(start("analyze_curvature.py", f"--workdir={workdir}", *flags))
     assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
     assert stderr.startswith("error: --top_k=1800 must not exceed the 1761 parameters")
+
+
+def test_analysis_of_a_diverging_inner_loop_and_of_changed_settings(workdir, tmp_path):
+    diverging = "--config.inner_lr=1e30", "--num_tasks=2"
+    curvature = start(
+        "analyze_curvature.py",
+        f"--workdir={workdir}",
+        f"--output_dir={tmp_path / 'c'}",
+        "--lanczos_iters=3",
+        "--num_probes=1",
+        "--top_k=1",
+        *diverging,
+    )
+    # On two devices, with a meta-batch that does not divide over them: one device computes.
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    meta_gradient = start(
+        "meta_gradient.py",
+        f"--workdir={workdir}",
+        f"--output_dir={tmp_path / 'm'}",
+        "--inner_steps=1",
+        "--repeats=1",
+        "--config.meta_batch_size=3",
+        *diverging,
+        env=env,
+    )
+    code, _, stderr = finish(curvature)
+    assert code == 2 and "Traceback" not in stderr, stderr  # was matplotlib's NaN axis limits
+    assert (
+        stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "error: the support loss, the meta-loss or their curvature is not finite at step 50"
+        )
+    )
+    assert "warning: evaluating with settings other than" in stderr
+    assert not (tmp_path / "c" / "curvature.json").exists()
+    code, _, stderr = finish(meta_gradient)
+    assert code == 0, stderr
+    assert "inner_lr 0.01 -> 1e+30" in stderr
+
+    def reject(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    text = (tmp_path / "m" / "meta_gradient.json").read_text()
+    report = json.loads(text, parse_constant=reject)
+    assert sorted(report["config_changes"]) == ["inner_lr 0.01 -> 1e+30", "meta_batch_size 4 -> 3"]
+    assert None in report["results"][0]["cosine"].values()  # NaN, written as null
+
+
+def test_a_checkpoint_of_another_task_family_is_named_so(workdir):
+    config = omniglot_configs.get_config("5way1shot,tiny")
+    with pytest.raises(ConfigError, match=r"holds a run of another task family \(task 'sinusoid'"):
+        train.restore_params(config, workdir)
 
 
 def test_meta_gradient_checks_float32_against_a_float64_reference(tmp_path):
