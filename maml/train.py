@@ -134,7 +134,8 @@ def task_mesh(meta_batch_size: int | None = None) -> jax.sharding.Mesh:
     if meta_batch_size is not None and meta_batch_size % len(devices):
         raise ConfigError(
             f"config.meta_batch_size={meta_batch_size} is invalid: it must be a multiple of "
-            f"the {len(devices)} devices it is sharded over."
+            f"the {len(devices)} devices it is sharded over, or use fewer devices "
+            "(--cpu_devices on the CPU, CUDA_VISIBLE_DEVICES on GPUs)."
         )
     return jax.sharding.Mesh(np.array(devices), ("tasks",))
 

@@ -319,6 +319,14 @@ def main(argv=None):
     args = parse_args(argv)
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    if args.task_num % jax.device_count():
+        print(
+            f"error: --task-num={args.task_num} must be a multiple of the "
+            f"{jax.device_count()} devices the tasks are sharded over, or use fewer devices "
+            "(--cpu-devices on the CPU, CUDA_VISIBLE_DEVICES on GPUs)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     if args.compare_peer and args.algorithm != "maml":
         print("error: the peer runs second-order MAML only; drop --compare-peer", file=sys.stderr)
         sys.exit(2)

@@ -3,6 +3,7 @@
 import gzip
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -122,6 +123,21 @@ def test_benchmark_rejects_bad_sizes(args, message):
         cwd=ROOT,
     )
     assert result.returncode == 2 and message in result.stderr
+
+
+def test_benchmark_refuses_a_meta_batch_the_visible_devices_do_not_divide():
+    # Devices it does not set itself (a 3-GPU node): was a ConfigError traceback.
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=3")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--task-num", "4"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=env,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("error: --task-num=4 must be a multiple of the 3 devices")
 
 
 def _load_benchmark():
