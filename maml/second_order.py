@@ -265,6 +265,13 @@ def spectral_density(
     num_iters = _check_num_iters(num_iters, n)
     if num_probes < 1:
         raise ValueError(f"num_probes must be >= 1, got {num_probes}")
+    # Each of these gave NaN, inf or a negative "density" without a word.
+    if grid is None and num_grid_points < 2:
+        raise ValueError(f"num_grid_points must be >= 2, got {num_grid_points}")
+    if grid is not None and (jnp.ndim(grid) != 1 or jnp.shape(grid)[0] < 2):
+        raise ValueError(f"grid must be one-dimensional with >= 2 points, got {jnp.shape(grid)}")
+    if isinstance(sigma, int | float) and not sigma > 0:
+        raise ValueError(f"sigma must be positive, got {sigma}")
 
     def flat_hvp(x):
         return ravel_pytree(hvp(f, params, unravel(x)))[0]

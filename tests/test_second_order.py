@@ -253,6 +253,24 @@ def test_spectral_density_mass_sits_at_the_eigenvalues():
     assert np.trapezoid(np.where(far, density, 0.0), grid) < 1e-3
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"sigma": 0.0}, "sigma must be positive, got 0.0"),
+        ({"sigma": -1.0}, "sigma must be positive"),
+        ({"num_grid_points": 1}, "num_grid_points must be >= 2, got 1"),
+        ({"grid": jnp.zeros(1)}, r"grid must be one-dimensional with >= 2 points, got \(1,\)"),
+        ({"grid": jnp.zeros((2, 2))}, "grid must be one-dimensional"),
+    ],
+)
+def test_spectral_density_refuses_a_broadening_or_grid_that_gives_no_density(kwargs, message):
+    f = lambda p: jnp.sum(p**2)  # noqa: E731
+    with pytest.raises(ValueError, match=message):
+        so.spectral_density(
+            f, jnp.zeros(3), num_iters=3, num_probes=1, key=jax.random.key(0), **kwargs
+        )
+
+
 def spd_matrix(n, seed):
     a = jax.random.normal(jax.random.key(seed), (n, n), jnp.float64)
     return a @ a.T / n + 0.1 * jnp.eye(n)
