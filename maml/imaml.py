@@ -18,15 +18,14 @@ differentiates through the inner loop, so memory does not grow with
 
 CG assumes ``I + H / lam`` positive definite, i.e. ``lam > -lambda_min(H)``.
 A few inner steps from ``theta`` do not reach a minimum, so ``H`` can have
-negative eigenvalues larger than ``lam``: on a 50-step tiny sinusoid checkpoint
-at the sinusoid config's ``lam = 1``, ``I + H`` had 19 to 22 negative
-eigenvalues (the smallest -1.3 to -7.6) in each of four cases (two tasks, 0 or 1 inner
-steps), and
-the config's 5 CG steps ended 0.6 to 41 times the dense solution's norm away
-from it (20 steps: 0.04 to 0.7; 100 steps: 1e-9). CG still converges there (the
-system is nonsingular), but slowly and not monotonically: raise ``lam`` or the
-CG steps when ``scripts/meta_gradient.py`` shows iMAML far from the exact
-meta-gradient.
+eigenvalues below ``-lam``: on a 50-step tiny sinusoid checkpoint at the
+sinusoid config's ``lam = 1``, ``I + H`` had 19 to 22 negative eigenvalues (the
+smallest -1.3 to -7.6) in each of four cases (two tasks, 0 or 1 inner steps),
+and the config's 5 CG steps ended 0.6 to 41 times the dense solution's norm
+away from it (20 steps: 0.04 to 0.7; 100 steps: 1e-9). CG still converges
+there (the system is nonsingular), but slowly and not monotonically: raise
+``lam`` or the CG steps when ``scripts/meta_gradient.py`` shows iMAML far from
+the exact meta-gradient.
 
 ``inner_lr`` may be a pytree of per-leaf rates, as in ``core.adapt``: a leaf
 at rate 0 is not adapted (``phi`` keeps ``theta``'s value there). The system
