@@ -261,6 +261,10 @@ def test_background_split_ids():
     _assert_disjoint(ids)
     assert sorted(np.concatenate([ids["train"], ids["validation"]]).tolist()) == list(range(964))
     assert ids["test"].tolist() == list(range(964, 1623))
+    # Validation is drawn from all the background alphabets, not their last 100 characters.
+    other = omniglot.split_character_ids(protocol="background", split_seed=1)
+    assert not np.array_equal(ids["validation"], other["validation"])
+    assert ids["validation"].min() < 800 and other["validation"].min() < 800
 
 
 def test_unknown_protocol():
@@ -357,6 +361,18 @@ def test_episode_invariants_synthetic(rotate):
         assert np.all(rotations == 0)
 
 
+def test_rotations_and_drawings_are_drawn_per_class():
+    # Finn's augmentation: each class of a task its own quarter turn, uniform over all
+    # four; and each class its own drawings (a drawing's index is the person who drew it).
+    family = omniglot.Omniglot(_synthetic_images(7), num_ways=5, num_shots=1, num_query=1)
+    idx = jax.jit(family.sample_indices, static_argnums=1)(jax.random.key(0), 2000)
+    rotations, drawings = np.asarray(idx["rotations"]), np.asarray(idx["drawings"])
+    shares = np.bincount(rotations.ravel(), minlength=4) / rotations.size
+    np.testing.assert_allclose(shares, 0.25, atol=0.02)
+    assert np.mean(np.all(rotations == rotations[:, :1], axis=1)) < 0.02  # 1/256 expected
+    assert np.mean(np.all(drawings == drawings[:, :1], axis=1)) < 0.01
+
+
 def test_rotation_known_positions():
     # One ink dot at (0, 1); np.rot90 by r quarter turns moves it to these places.
     expected = {0: (0, 1), 1: (26, 0), 2: (27, 26), 3: (1, 27)}
@@ -414,6 +430,14 @@ def test_from_config_defaults_and_validation(data, cache_dir):
         {"cache_dir": str(cache_dir), "split_protocol": "background", "rotate": "none"}, "test"
     )
     assert background.images.shape == (659, 20, 28, 28)
+    # split_seed is read: seed 2's test characters, not the default seed 1's.
+    seeded = omniglot.from_config(
+        {"cache_dir": str(cache_dir), "split_seed": 2, "rotate": "none"}, "test"
+    )
+    expected = omniglot.load_splits(cache_dir=cache_dir, split_seed=2)["test"].images
+    np.testing.assert_array_equal(np.asarray(seeded.images), expected)
+    default = omniglot.load_splits(cache_dir=cache_dir, split_seed=1)["test"].images
+    assert not np.array_equal(expected, default)
     with pytest.raises(ValueError, match="config.rotate"):
         omniglot.validate_config({"rotate": "sometimes"})
     with pytest.raises(ValueError, match="config.num_shots"):

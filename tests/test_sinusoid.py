@@ -20,6 +20,10 @@ def test_shapes_and_ranges():
         assert -5.0 <= float(x.min()) and float(x.max()) <= 5.0
     # The ranges are covered, not just respected.
     assert a.min() < 0.2 and a.max() > 4.9 and p.min() < 0.05 and p.max() > 3.09
+    for x in (xs, xq):
+        assert float(x.min()) < -4.95 and float(x.max()) > 4.95
+    # Amplitude and phase are independent: a two-dimensional family of tasks.
+    assert abs(np.corrcoef(a, p)[0, 1]) < 0.1
     np.testing.assert_allclose(ys, a[:, None, None] * np.sin(xs - p[:, None, None]), atol=1e-5)
     np.testing.assert_allclose(yq, a[:, None, None] * np.sin(xq - p[:, None, None]), atol=1e-5)
 
@@ -37,5 +41,7 @@ def test_keys_decide_everything():
     assert not np.allclose(a["amplitude"], c["amplitude"])
 
 
-def test_loss_is_mse():
-    assert float(Sinusoid.loss(jnp.array([1.0, 3.0]), jnp.array([0.0, 1.0]))) == 2.5
+def test_loss_and_metric_are_mse():
+    predictions, targets = jnp.array([1.0, 3.0]), jnp.array([0.0, 1.0])
+    assert float(Sinusoid.loss(predictions, targets)) == 2.5
+    assert float(Sinusoid.metrics(predictions, targets)["mse"]) == 2.5
