@@ -347,6 +347,25 @@ def test_meta_gradients_against_finite_differences(mlp64):
     assert float(analysis.cosine_similarity(grads["exact"], grads["exact_remat"])) == (
         pytest.approx(1.0, abs=1e-12)
     )
+    # iMAML's is taken at the lambda given (Omniglot's is 2, the sinusoid's 1).
+    fns_10 = analysis.meta_gradient_fns(
+        loss_fn, inner_lr=0.01, num_inner_steps=2, imaml_lambda=10.0, imaml_cg_steps=5
+    )
+    imaml_1, imaml_10 = (jax.jit(g["imaml"])(params, support, query) for g in (fns, fns_10))
+    assert float(analysis.cosine_similarity(imaml_1, imaml_10)) < 1 - 1e-6
+
+
+def test_support_loss_is_the_mean_over_tasks(mlp64):
+    loss_fn, params, episode = mlp64
+    support = episode["support"]
+    num_tasks = jax.tree.leaves(support)[0].shape[0]
+    per_task = [
+        loss_fn(params, jax.tree.map(lambda x, i=i: x[i], support)) for i in range(num_tasks)
+    ]
+    expected = float(np.mean(per_task))
+    assert float(analysis.support_loss(loss_fn, params, support)) == pytest.approx(
+        expected, rel=1e-12
+    )
 
 
 def test_cosine_similarity_and_stability():

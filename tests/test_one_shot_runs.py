@@ -119,6 +119,14 @@ def test_perfect_predictor_scores_zero_and_shuffled_labels_score_one():
     assert result["error"] == [1.0]
 
 
+def test_runs_are_adapted_at_the_inner_lr_given():
+    # scale 0: every logit tied, every item wrong; one inner step at lr 0.1 fixes that.
+    exp, runs, params = _pixel_reader(), _label_in_pixel_runs(), {"scale": jnp.array(0.0)}
+    adapted = one_shot_runs.evaluate_runs(exp, params, runs, inner_lr=0.1, num_inner_steps=1)
+    frozen = one_shot_runs.evaluate_runs(exp, params, runs, inner_lr=0.0, num_inner_steps=1)
+    assert adapted["error"] == [1.0, 0.0] and frozen["error"] == [1.0, 1.0]
+
+
 def test_each_runs_queries_are_one_batch():
     # A model that reads the label from pixel (0, 0) relative to its batch's mean,
     # like transductive BatchNorm: right only when a batch holds exactly one run's

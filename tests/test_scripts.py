@@ -35,6 +35,7 @@ CONFIG = str(ROOT / "maml" / "configs" / "sinusoid.py")
         ("eval_inner_steps", -2, "non-negative integer"),
         ("inner_lr", 0.0, "positive number"),
         ("outer_lr", -1e-3, "positive number"),
+        ("eval_inner_lr", 0.0, "positive number"),
         ("algorithm", "reptile", "one of maml, fomaml, imaml, pretrain"),
         ("eval_shots", (), "non-empty tuple"),
         ("init", "zeros", "one of lecun, finn"),
@@ -175,11 +176,65 @@ def test_default_configs_are_valid():
         validate(sinusoid.get_config(variant))
 
 
-def test_checkpoint_every_must_be_a_multiple_of_log_every():
+@pytest.mark.parametrize("field", ["checkpoint_every", "eval_every"])
+def test_saving_and_validation_must_fall_on_log_every(field):
+    # Both run between chunks of log_every steps: eval_every=1500 would never validate.
     config = sinusoid.get_config()
-    config.checkpoint_every = 1500
+    config[field] = 1500
     with pytest.raises(ConfigError, match="multiple of config.log_every=1000"):
         validate(config)
+
+
+@pytest.mark.parametrize(
+    "module, variant, expected",
+    [
+        (sinusoid, "k5", {"num_support": 5, "num_query": 5, "algorithm": "maml"}),
+        (sinusoid, "k20", {"num_support": 20, "num_query": 20}),
+        (sinusoid, "fomaml", {"algorithm": "fomaml", "inner_lr": 0.01, "num_inner_steps": 1}),
+        (sinusoid, "pretrain", {"algorithm": "pretrain"}),
+        # Finn et al.'s Table 1 settings, and the test-time steps they report.
+        (
+            omniglot_configs,
+            "5way1shot",
+            {
+                "num_ways": 5,
+                "num_shots": 1,
+                "num_query": 1,
+                "meta_batch_size": 32,
+                "inner_lr": 0.4,
+                "num_inner_steps": 1,
+                "eval_report_step": 3,
+                "outer_lr": 1e-3,
+                "num_steps": 60_000,
+                "algorithm": "maml",
+                "split_protocol": "finn",
+            },
+        ),
+        (
+            omniglot_configs,
+            "5way5shot,fomaml",
+            {"num_shots": 5, "num_query": 5, "eval_shots": (5,), "algorithm": "fomaml"},
+        ),
+        (
+            omniglot_configs,
+            "20way1shot,background",
+            {
+                "num_ways": 20,
+                "meta_batch_size": 16,
+                "inner_lr": 0.1,
+                "eval_inner_lr": 0.1,
+                "num_inner_steps": 5,
+                "eval_report_step": 5,
+                "split_protocol": "background",
+            },
+        ),
+        (omniglot_configs, "20way5shot,imaml", {"num_shots": 5, "algorithm": "imaml"}),
+    ],
+)
+def test_variants_carry_their_settings(module, variant, expected):
+    config = module.get_config(variant)
+    validate(config)
+    assert {field: config[field] for field in expected} == expected
 
 
 @pytest.fixture(scope="module")

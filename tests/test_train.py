@@ -16,6 +16,8 @@ import pytest
 
 from maml import analysis, core, evaluate, imaml, plots, train
 from maml.configs import ConfigError, sinusoid, validate
+from maml.configs import omniglot as omniglot_configs
+from maml.tasks.omniglot import Omniglot
 from maml.tasks.sinusoid import Sinusoid
 
 
@@ -246,11 +248,25 @@ def test_resume_drops_log_lines_past_the_checkpoint(tmp_path):
     assert steps == [50, 100, 150, 200]
 
 
+def test_a_run_saves_its_last_step_and_a_fresh_start_its_own_log_only(tmp_path):
+    # 50 steps, checkpoint_every 100: the end is saved all the same.
+    train.train_and_evaluate(tiny(num_steps=50), tmp_path)
+    with train.checkpoint_manager(tmp_path) as manager:
+        assert manager.latest_step() == 50
+    # Without checkpoints the run starts afresh: the old log describes no checkpoint.
+    shutil.rmtree(tmp_path / "checkpoints")
+    train.train_and_evaluate(tiny(num_steps=50), tmp_path)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [50]
+
+
 def test_resume_refuses_other_training_settings_unless_allowed(tmp_path, capsys):
     train.train_and_evaluate(tiny(num_steps=100), tmp_path)
     saved = (tmp_path / "config.json").read_text()
     with pytest.raises(ConfigError, match=r"step 100 with other settings \(meta_batch_size 4 -> 8"):
         train.train_and_evaluate(tiny(meta_batch_size=8), tmp_path)
+    with pytest.raises(ConfigError, match=r"other settings \(seed 0 -> 1"):  # another task stream
+        train.train_and_evaluate(tiny(seed=1), tmp_path)
     # A checkpoint of other shapes cannot be restored: config.json stays the run's.
     with pytest.raises(train.CheckpointError):
         train.train_and_evaluate(tiny(hidden_sizes=(20, 20)), tmp_path)
@@ -376,20 +392,28 @@ def test_adaptation_curve_is_the_query_metric_after_k_steps():
 
 def test_evaluate_writes_eval_json(tmp_path, capsys, monkeypatch):
     config = tiny(
-        num_steps=50, checkpoint_every=50, eval_shots=(5, 10), eval_batch_size=8, eval_inner_lr=0.02
+        num_steps=50,
+        checkpoint_every=50,
+        eval_shots=(5, 10),
+        eval_batch_size=8,
+        eval_inner_lr=0.02,
+        eval_num_query=7,
     )
     train.train_and_evaluate(config, tmp_path)
     capsys.readouterr()
     curve, calls = evaluate.adaptation_curve, []
 
     def spy(exp, params, task, key, **kwargs):
-        calls.append((task.num_support, kwargs["inner_lr"], kwargs["num_inner_steps"]))
+        calls.append(
+            (task.num_support, task.num_query, kwargs["inner_lr"], kwargs["num_inner_steps"])
+        )
         return curve(exp, params, task, key, **kwargs)
 
     monkeypatch.setattr(evaluate, "adaptation_curve", spy)
     result = evaluate.evaluate(config, tmp_path)
-    # Each K's tasks have K support points; adapted at eval_inner_lr, not inner_lr (0.01).
-    assert calls == [(5, 0.02, 2), (10, 0.02, 2)]
+    # Each K's tasks have K support points and eval_num_query query points; adapted at
+    # eval_inner_lr, not inner_lr (0.01).
+    assert calls == [(5, 7, 0.02, 2), (10, 7, 0.02, 2)]
     bar = capsys.readouterr().err  # 20 tasks in batches of 8, a bar per K
     assert "sinusoid K=5" in bar and "sinusoid K=10" in bar and "3/3" in bar
     on_disk = json.loads((tmp_path / "eval.json").read_text())
@@ -402,6 +426,12 @@ def test_evaluate_writes_eval_json(tmp_path, capsys, monkeypatch):
         assert len(r["mean"]) == len(r["ci95"]) == 3
         assert all(c > 0 for c in r["ci95"])
     assert "K=5" in evaluate.format_table(result)
+
+
+def test_classification_is_evaluated_at_each_of_eval_shots():
+    config = omniglot_configs.get_config("5way1shot,tiny")
+    task = Omniglot(np.zeros((30, 20, 28, 28), np.uint8), num_ways=5, num_shots=1, num_query=1)
+    assert evaluate._with_shots(task, 5, config).num_shots == 5
 
 
 def test_eval_json_is_strict_json_when_tasks_diverge(tmp_path):
@@ -429,6 +459,9 @@ def test_eval_seed_draws_the_same_test_tasks_for_runs_of_any_seed(tmp_path, caps
 
     seed, own = means()
     assert seed == 0
+    # The batch is capped at the 20 tasks: eval_batch_size 600 or 20, the same tasks.
+    assert json.loads((tmp_path / "eval.json").read_text())["test_batch_size"] == 20
+    assert means(eval_batch_size=20) == (0, own)
     # The parameters come from the checkpoint, the test tasks from eval_seed alone.
     capsys.readouterr()
     assert means(seed=3, eval_seed=0) == (0, own)
@@ -810,3 +843,33 @@ def test_a_failed_write_leaves_the_old_eval_json_whole(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert (tmp_path / "eval.json").read_text() == old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]  # no temporary left
+
+
+@pytest.mark.parametrize(
+    "key, values", [("val_mse", (0.5, 2.0, 0.5)), ("val_accuracy", (0.9, 0.5, 0.9))]
+)
+def test_training_plot_stars_the_step_best_checkpoint_holds(tmp_path, monkeypatch, key, values):
+    # The best validation value, of equal ones the later: what best_checkpoint/ keeps.
+    records = [
+        {"step": s, "loss": 1.0, key: v} for s, v in zip((50, 100, 150), values, strict=True)
+    ]
+    figures = []
+    monkeypatch.setattr(plots.plt, "close", figures.append)
+    plots.training_curves(records, tmp_path / "training.png")
+    (figure,) = figures
+    (ax,) = [ax for ax in figure.axes if ax.get_title() == key]
+    (star,) = [line for line in ax.get_lines() if line.get_marker() == "*"]
+    assert (list(star.get_xdata()), list(star.get_ydata())) == ([150], [values[2]])
+
+
+def test_figure_2_adapts_1_then_10_steps_in_all(tmp_path, monkeypatch):
+    exp = train.build_experiment(tiny())
+    adapt, steps = core.adapt, []
+
+    def spy(*args, num_inner_steps, **kwargs):
+        steps.append(num_inner_steps)
+        return adapt(*args, num_inner_steps=num_inner_steps, **kwargs)
+
+    monkeypatch.setattr(plots.core, "adapt", spy)
+    plots.sinusoid_adaptation(exp, exp.init_params, jax.random.key(0), tmp_path / "f.png")
+    assert steps == [1, 9]  # the second curve continues from the first
