@@ -82,6 +82,18 @@ def analyze(exp, params, *, num_tasks, top_k, num_iters, num_probes, seed) -> di
             num_inner_steps=config.num_inner_steps,
         )
 
+    # Fail fast: the spectra take most of the run.
+    for name, value in (
+        ("support loss", support_loss(params, support)),
+        ("meta-loss", meta_loss(params, support, query)),
+    ):
+        if not np.isfinite(value):
+            raise train.DivergedError(
+                f"the {name} is {float(value)} with inner_lr={config.inner_lr} and "
+                f"{config.num_inner_steps} inner steps: nothing to analyze (evaluate.py "
+                "shows where inner SGD diverges)"
+            )
+
     def spectrum(f, *batches, key):
         fn = jax.jit(
             lambda p, key, *b: analysis.curvature(
