@@ -260,16 +260,15 @@ def main(argv):
             num_probes=_NUM_PROBES.value,
             seed=_SEED.value,
         )
-    curvatures = [
+    # The losses are finite (``analyze`` checks them); their Hessians can still overflow.
+    spectra = [
         report[name][key]
         for name in ("support_loss", "meta_loss")
-        for key in ("value", "eigenvalues", "density")
+        for key in ("eigenvalues", "density")
     ]
-    if not np.all(np.isfinite(np.concatenate([np.ravel(c) for c in curvatures]))):
+    if not all(np.all(np.isfinite(spectrum)) for spectrum in spectra):
         _common.fail(
-            f"the support loss, the meta-loss or their curvature is not finite at step {step} "
-            f"with inner_lr={config.inner_lr} and {config.num_inner_steps} inner steps: "
-            "nothing to analyze (evaluate.py shows where inner SGD diverges)"
+            f"the curvature at step {step} is not finite (an overflow): nothing to analyze"
         )
     report = {
         "config_name": config_flags.get_config_filename(flags.FLAGS["config"]),
