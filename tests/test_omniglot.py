@@ -4,6 +4,7 @@ The preprocessed cache is built once per session (a few seconds) into a pytest
 temporary directory from the prepared TFDS data in ``../shared/data/tfds``.
 """
 
+import errno
 import shutil
 import sys
 from pathlib import Path
@@ -136,6 +137,19 @@ def test_unwritable_cache_dir_fails_before_reading(monkeypatch):
     # Nothing, not even root, can create a directory in /proc.
     with pytest.raises(omniglot.DatasetNotFoundError, match="cannot write the Omniglot cache"):
         omniglot.load_images(data_dir=TFDS_DIR, cache_dir="/proc/self/maml_cache")
+
+
+def test_read_only_cache_dir_is_named_as_such(tmp_path, monkeypatch):
+    # A read-only mount: creating the probe file fails, and so does removing it
+    # (EROFS even for a file that is not there), which must not hide the first error.
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(Path, "touch", read_only)
+    monkeypatch.setattr(Path, "unlink", read_only)
+    monkeypatch.setattr(omniglot, "_read_raw", read_only)
+    with pytest.raises(omniglot.DatasetNotFoundError, match="cannot write the Omniglot cache"):
+        omniglot.load_images(data_dir=TFDS_DIR, cache_dir=tmp_path)
 
 
 def test_cache_round_trip(data, cache_dir, tmp_path):

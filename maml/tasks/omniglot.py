@@ -20,6 +20,7 @@ come out as {0, 1} with 1 = white background; other decoders give {0, 255}.
 max / 2), so both decode to the same result, before the antialiased resize.
 """
 
+import contextlib
 import dataclasses
 import io
 import os
@@ -265,8 +266,9 @@ def load_images(
         tmp.touch()
     except OSError as e:
         raise DatasetNotFoundError(f"cannot write the Omniglot cache {path}: {e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    finally:  # (on a read-only file system even this fails: keep the error above)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     data = _read_raw(
         None if data_dir is None else os.fspath(data_dir), download, image_size, cache=path
     )
@@ -277,7 +279,8 @@ def load_images(
     except OSError as e:
         raise DatasetNotFoundError(f"cannot write the Omniglot cache {path}: {e}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return data
 
 
