@@ -412,8 +412,11 @@ def checkpoint_manager(
         worst = -math.inf if mode == "max" else math.inf
 
         def best_fn(metrics):  # NaN compares false with everything: orbax would keep it
-            value = metrics[f"val_{metric}"]
-            return worst if math.isnan(value) else value
+            value = metrics.get(f"val_{metric}") if isinstance(metrics, dict) else None
+            # Also a damaged metrics file: ranked last, it cannot stop the run.
+            if not isinstance(value, (int, float)) or math.isnan(value):
+                return worst
+            return value
 
         options = ocp.CheckpointManagerOptions(
             max_to_keep=1,
@@ -426,7 +429,17 @@ def checkpoint_manager(
                 barrier_sync_key_prefix="best"
             ),
         )
-    return ocp.CheckpointManager((workdir / CHECKPOINTS[which]).absolute(), options=options)
+    folder = (workdir / CHECKPOINTS[which]).absolute()
+    try:
+        return ocp.CheckpointManager(folder, options=options)
+    except OSError:  # a folder that cannot be created or read: the caller names it
+        raise
+    except Exception as e:  # orbax reads each step's metadata and metrics here
+        raise CheckpointError(
+            f"cannot read the checkpoints in {folder} ({type(e).__name__}: "
+            f"{(str(e).splitlines() or [''])[0][:200]}); one is damaged: delete that step's "
+            "folder, or use another --workdir."
+        ) from e
 
 
 def restore_latest(manager: ocp.CheckpointManager, target: TrainState) -> TrainState | None:
@@ -721,17 +734,28 @@ def _train_and_evaluate(
     train_key, eval_key = root_keys(config.seed)
     manager = opened(checkpoint_manager(workdir))
     state = init_state(exp)
+    # Checked before the restore, which would name only the first array a change reshapes.
+    saved_step = manager.latest_step()
+    changed = config_changes(workdir, config) if saved_step is not None else []
+    # (another task is another model: its change is named below, as any other field's)
+    split_fields = [f for f in SPLIT_FIELDS if f != "task"]
+    split = config_changes(workdir, config, split_fields) if saved_step is not None else []
+    if split:  # evaluation checks config.json's split: it must be every checkpoint's
+        raise ConfigError(
+            f"{workdir} holds a run at step {saved_step} trained on another split "
+            f"({'; '.join(split)}): under this one, characters it trained on would be "
+            "validated and tested on. Use a new --workdir."
+        )
+    if changed and not allow_config_change:
+        raise ConfigError(
+            f"{workdir} holds a run at step {saved_step} with other settings "
+            f"({'; '.join(changed)}): use a new --workdir, or --allow_config_change "
+            "to resume with these."
+        )
     restored = restore_latest(manager, state)
     metrics_path = workdir / "metrics.jsonl"
     if restored is not None:
         state = restored
-        changed = config_changes(workdir, config)
-        if changed and not allow_config_change:
-            raise ConfigError(
-                f"{workdir} holds a run at step {int(state.step)} with other settings "
-                f"({'; '.join(changed)}): use a new --workdir, or --allow_config_change "
-                "to resume with these."
-            )
         if changed and is_main:
             kept = workdir / f"config.step{int(state.step)}.json"
             # An existing one trained the steps up to this checkpoint; config.json

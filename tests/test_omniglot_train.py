@@ -82,6 +82,10 @@ def test_tiny_omniglot_trains_resumes_and_evaluates(tmp_path, cache_dir, monkeyp
     for other in ({"split_protocol": "background"}, {"split_seed": 2}):
         with pytest.raises(ConfigError, match="was trained on another split"):
             evaluate.evaluate(_tiny(cache_dir, **other), tmp_path)
+        # Nor may a resume change it, even allowed: evaluation would then read the new
+        # split from config.json and test on characters the checkpoints trained on.
+        with pytest.raises(ConfigError, match="at step 4 trained on another split"):
+            train.train_and_evaluate(_tiny(cache_dir, **other), tmp_path, allow_config_change=True)
 
 
 def _is_norm(path) -> bool:

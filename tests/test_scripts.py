@@ -326,7 +326,7 @@ def test_out_of_memory_is_one_line(tmp_path):
 @pytest.mark.parametrize(
     "script, override, expected",
     [
-        ("train.py", "--config.hidden_sizes=(20,20)", "params/layers/0/bias is float32[40] there"),
+        ("train.py", "--config.hidden_sizes=(20,20)", "(hidden_sizes [40, 40] -> [20, 20])"),
         ("evaluate.py", "--config.hidden_sizes=(20,20)", "is from another config: params/"),
         ("train.py", "--config.meta_batch_size=8", "meta_batch_size 4 -> 8"),
         ("train.py", "--config.num_steps=100", None),  # resumes and trains on

@@ -267,9 +267,12 @@ def test_resume_refuses_other_training_settings_unless_allowed(tmp_path, capsys)
         train.train_and_evaluate(tiny(meta_batch_size=8), tmp_path)
     with pytest.raises(ConfigError, match=r"other settings \(seed 0 -> 1"):  # another task stream
         train.train_and_evaluate(tiny(seed=1), tmp_path)
-    # A checkpoint of other shapes cannot be restored: config.json stays the run's.
-    with pytest.raises(train.CheckpointError):
+    # A change that reshapes the model is named too, not only its first array...
+    with pytest.raises(ConfigError, match=r"settings \(hidden_sizes \[40, 40\] -> \[20, 20\]"):
         train.train_and_evaluate(tiny(hidden_sizes=(20, 20)), tmp_path)
+    # ... and, allowed, its checkpoint cannot be restored: config.json stays the run's.
+    with pytest.raises(train.CheckpointError, match="from another config: params/layers/0"):
+        train.train_and_evaluate(tiny(hidden_sizes=(20, 20)), tmp_path, allow_config_change=True)
     assert (tmp_path / "config.json").read_text() == saved
     # How long, how often and where may change without leave.
     train.train_and_evaluate(tiny(num_steps=150, log_every=25, checkpoint_every=50), tmp_path)
@@ -584,6 +587,23 @@ def test_training_chunk_compiles_once(tmp_path):
 
 def _records(workdir):
     return [json.loads(s) for s in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_damaged_best_checkpoint_metrics_file_is_one_clear_error(tmp_path):
+    state = {"w": np.zeros(3, np.float32)}
+    with train.checkpoint_manager(tmp_path, "best") as best:
+        best.save(1, args=ocp.args.StandardSave(state), metrics={"val_accuracy": 0.5})
+    metrics = tmp_path / "best_checkpoint" / "1" / "metrics" / "metrics"
+    metrics.write_text("xx")  # orbax reads every step's metrics when the manager opens
+    with pytest.raises(train.CheckpointError, match="cannot read the checkpoints in .*best_chec"):
+        train.checkpoint_manager(tmp_path, "best")
+    # Metrics without the validation value rank below any, rather than stop the run
+    # at its next validation.
+    metrics.write_text("{}")
+    with train.checkpoint_manager(tmp_path, "best") as best:
+        best.save(2, args=ocp.args.StandardSave(state), metrics={"val_accuracy": 0.1})
+        best.wait_until_finished()
+        assert best.all_steps() == [2]
 
 
 def test_best_checkpoint_is_the_best_validation_and_survives_resume(tmp_path, capsys):
