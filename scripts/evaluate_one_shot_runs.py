@@ -89,8 +89,10 @@ def main(argv):
     name = "one_shot_runs" if CHECKPOINT.value == "latest" else f"one_shot_runs_{CHECKPOINT.value}"
     # One run has no CI (NaN); strict JSON has no NaN.
     text = json.dumps(train.finite_or_null(result), indent=2, allow_nan=False)
-    train.write_text_atomic(workdir / f"{name}.json", text + "\n")
-    print(one_shot_runs.format_table(result, report_step=config.eval_report_step))
+    # Printed first: a write that fails (a full disk) then loses no result.
+    print(one_shot_runs.format_table(result, report_step=config.eval_report_step), flush=True)
+    with _common.user_errors():
+        train.write_text_atomic(workdir / f"{name}.json", text + "\n")
 
 
 if __name__ == "__main__":

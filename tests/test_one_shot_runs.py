@@ -353,3 +353,24 @@ def test_script_writes_json_and_warns_about_the_split(tmp_path, cache_dir, runs)
     assert saved["num_items"] == 400 and len(saved["runs"]) == 20
     assert saved["published"] == one_shot_runs.PUBLISHED_ERROR
     assert all(0.0 <= e <= 1.0 for e in saved["error"])
+
+
+def test_script_prints_its_table_before_a_write_that_fails(tmp_path, cache_dir, runs):
+    exp = train.build_experiment(_config(cache_dir), "test")
+    with train.checkpoint_manager(tmp_path) as manager:
+        manager.save(0, args=ocp.args.StandardSave(train.init_state(exp)))
+    (tmp_path / "one_shot_runs.json").mkdir()  # the write fails, as on a full disk
+    result = _run_script(
+        f"--config={CONFIG}:20way1shot,background",
+        f"--config.data_dir={TFDS_DIR}",
+        f"--config.cache_dir={cache_dir}",
+        "--config.conv_impl=lax",
+        "--config.eval_inner_steps=0",
+        "--config.eval_report_step=0",
+        f"--workdir={tmp_path}",
+        f"--runs={RUNS_ZIP}",
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "people 4.5%" in result.stdout  # the result is on the screen, not lost
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "one_shot_runs.json" in line
