@@ -15,15 +15,17 @@
 # as .peer/peer_torchfunc.py (cp ../shared/bench/peer_torchfunc.py .peer/) and
 # of Lake et al.'s runs as .runs/all_runs.zip, which ",background" 20-way runs
 # are evaluated on. BENCH=0 skips the benchmarks; PLAN="variant cap reserve;..."
-# replaces the training plan, e.g. PLAN="20way1shot,background 560 0". A run
+# replaces the training plan, e.g. PLAN="20way1shot,background 470 0". A run
 # cut short comes back as run_NAME.tar.gz; carried as .runs/run_NAME.tar.gz
 # into a later call, the same plan item resumes it from its last checkpoint.
 # What is missing is named in session.log and stops the run (exit 2) at once.
 #
 # A session's 15 minutes of device time hold one such call, not two (the
 # machine's start counts too): `bash scripts/gpu_session.sh 590` with the device
-# tool's timeout_s 600, which leaves the last archive 10 s. Archives are written
-# beside and renamed, so a call cut off early still returns whole ones.
+# tool's timeout_s 600, which leaves the last archive 10 s (with less device time
+# left, a budget that much smaller). Archives are written beside and renamed, so a
+# call cut off early still returns whole ones. It stops at once where JAX sees no
+# GPU; ALLOW_CPU=1 runs it anyway (a dry run on a CPU machine, with a stub nvidia-smi).
 #
 # Before the call, in the checkout (all git-ignored; then carry .cache .whl .peer .runs):
 #   python3 -c "from maml.tasks.omniglot import load_images as l; \
@@ -36,6 +38,7 @@ budget=${1:-540}
 start=$(date +%s)
 OUT=${OUT:-$PWD/gpu_out}
 work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
 logs=$work/logs runs=$work/runs
 mkdir -p "$OUT" "$logs" "$runs"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -60,12 +63,24 @@ python3 -c "import jax, flax, optax, orbax.checkpoint, ml_collections; print('ja
 # What was not carried fails here, in seconds, not step by step in the logs.
 plan=("5way5shot 330 60" "20way1shot 330 0" "20way5shot 400 0" "5way1shot 220 0")
 [ -n "${PLAN:-}" ] && IFS=';' read -r -a plan <<<"$PLAN"
+# Whether a variant is scored on Lake's runs: 20-way 1-shot on the background split,
+# its parts in any order.
+lake() { [[ ,$1, == *,20way1shot,* && ,$1, == *,background,* ]]; }
 missing=()
 python3 -c "import ml_collections" 2>/dev/null || missing+=("ml_collections (carry its wheel in .whl/)")
+# A CUDA plugin that fails to load leaves JAX on the CPU: the whole budget would
+# go to CPU training. ALLOW_CPU=1 for a dry run on a machine without a GPU.
+[ "${ALLOW_CPU:-0}" = 1 ] || python3 -c "import jax, sys; sys.exit(jax.default_backend() != 'gpu')" \
+  2>/dev/null || missing+=("a JAX GPU backend (jax.default_backend() is not gpu; ALLOW_CPU=1 to run anyway)")
 cache=$MAML_CACHE_DIR/omniglot-3.0.0-28.npz
 [ ${#plan[@]} -gt 0 ] && [ ! -f "$cache" ] && missing+=("the Omniglot cache $cache (carry .cache)")
-[[ "${plan[*]}" == *20way1shot*background* ]] && [ ! -f .runs/all_runs.zip ] \
-  && [ ! -f ../shared/data/omniglot_one_shot_runs/all_runs.zip ] && missing+=(".runs/all_runs.zip")
+for item in "${plan[@]}"; do  # a malformed item would end the plan loop in a bash error
+  read -r v c r extra <<<"$item"
+  [[ -n ${v:-} && ${c:-} =~ ^[0-9]+$ && ${r:-0} =~ ^-?[0-9]+$ && -z ${extra:-} ]] \
+    || missing+=("a plan item 'variant cap [reserve]', variant without spaces (got '$item')")
+  lake "${v:-}" && [ ! -f .runs/all_runs.zip ] \
+    && [ ! -f ../shared/data/omniglot_one_shot_runs/all_runs.zip ] && missing+=(".runs/all_runs.zip")
+done
 [ "${BENCH:-1}" != 0 ] && [ ! -f .peer/peer_torchfunc.py ] \
   && [ ! -f ../shared/bench/peer_torchfunc.py ] && missing+=(".peer/peer_torchfunc.py")
 if [ ${#missing[@]} -gt 0 ]; then
@@ -92,7 +107,9 @@ bench C --n-way 5 --k-spt 5 --k-qry 15 --task-num 32 --inner-steps 5 --inner-lr 
 bench A-profile --n-way 5 --k-spt 1 --k-qry 15 --task-num 32 --inner-steps 1 --inner-lr 0.4 \
   --steps 10 --rounds 1 --profile "$logs/profile_A"
 # The Perfetto trace and its summary are what comes back; the raw XPlane is large.
-rm -f "$logs"/profile_A/plugins/profile/*/*.xplane.pb && pack_logs
+# (perfetto_trace.json.gz is kept; HOST.trace.json.gz is a second copy of it)
+rm -f "$logs"/profile_A/plugins/profile/*/*.xplane.pb "$logs"/profile_A/plugins/profile/*/*.trace.json.gz
+pack_logs
 # Is A bound by kernel launches? The same step with XLA's CUDA graphs (command
 # buffers) off, then with the scan's loop body captured too.
 a_alone=(--n-way 5 --k-spt 1 --k-qry 15 --task-num 32 --inner-steps 1 --inner-lr 0.4 --steps 100 --rounds 2)
@@ -110,6 +127,9 @@ train_and_eval() {  # variant, seconds for training
   # A run brought back by an earlier call and carried as .runs/run_NAME.tar.gz resumes.
   if [ -f ".runs/run_$name.tar.gz" ]; then
     tar -xzf ".runs/run_$name.tar.gz" -C "$runs" && log "resuming $variant from .runs/run_$name.tar.gz"
+    # The last call's results (the caller still has them): kept, they would come back
+    # beside this call's checkpoints as if they were of them.
+    rm -f "$dir"/eval*.json "$dir"/one_shot_runs*.json "$dir"/plots/eval*.png
   fi
   log "train $variant for at most ${seconds}s"
   # SIGINT is honoured between chunks of log_every steps: 100 keeps a chunk well
@@ -120,14 +140,16 @@ train_and_eval() {  # variant, seconds for training
   local rc=$?
   log "train $variant exit $rc at step $(tail -1 "$dir/metrics.jsonl" 2>/dev/null | cut -c1-120)"
   [ "$rc" = 0 ] || [ "$rc" = 124 ] || log "train $variant: $(tail -1 "$logs/train_$name.log")"
-  [ -d "$dir/checkpoints" ] || { log "no checkpoint of $variant to evaluate"; pack_logs; return; }
+  # (orbax creates checkpoints/ before its first save: look for a step's folder)
+  find "$dir/checkpoints" -mindepth 1 -maxdepth 1 -type d -regex '.*/[0-9]+' 2>/dev/null | grep -q . \
+    || { log "no checkpoint of $variant to evaluate"; pack_logs; return; }
   # Back in $OUT before evaluating: if the device call's limit cuts what follows,
   # the checkpoint still comes back.
   pack "run_$name.tar.gz" "$runs" "$name"
   pack_logs
   local t rows
   # Lake's 20 runs (seconds) before the 600 test tasks, which may not fit after them.
-  if [[ $variant == 20way1shot*background* ]]; then
+  if lake "$variant"; then
     runs_zip=.runs/all_runs.zip
     [ -f "$runs_zip" ] || runs_zip=../shared/data/omniglot_one_shot_runs/all_runs.zip
     t=$(eval_seconds)
@@ -166,5 +188,4 @@ for item in "${plan[@]}"; do
   [ "$share" -lt 45 ] && { log "no time left for $variant"; continue; }
   train_and_eval "$variant" "$share"
 done
-rm -rf "$work"
 log "done"

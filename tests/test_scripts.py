@@ -530,3 +530,40 @@ def test_sigterm_saves_a_checkpoint(tmp_path):
     assert (tmp_path / "checkpoints" / str(step)).is_dir()
     logged = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").open()]
     assert logged == list(range(50, step + 1, 50))
+
+
+def test_gpu_session_stops_at_once_on_what_it_lacks(tmp_path):
+    # A checkout with nothing carried and no ../shared beside it, as on the device
+    # machine, but no GPU: each lack is named in session.log before any work.
+    checkout = tmp_path / "checkout"
+    (checkout / "scripts").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "gpu_session.sh", checkout / "scripts")
+    stub = tmp_path / "bin" / "nvidia-smi"
+    stub.parent.mkdir()
+    stub.write_text("#!/bin/sh\necho 'GPU 0: stub'\n")
+    stub.chmod(0o755)
+    plan = "background,20way1shot 100 0;20way1shot, background 500 0"
+    env = {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}", "OUT": str(tmp_path)}
+    env.update(PLAN=plan, BENCH="0", JAX_PLATFORMS="cpu", MAML_CACHE_DIR=str(tmp_path))
+    result = subprocess.run(
+        ["bash", "scripts/gpu_session.sh", "60"],
+        cwd=checkout,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    missing = [
+        line.split("missing: ", 1)[1]
+        for line in (tmp_path / "session.log").read_text().splitlines()
+        if "missing: " in line
+    ]
+    assert missing[0].startswith("a JAX GPU backend")
+    assert missing[1].startswith("the Omniglot cache")
+    # The parts of a variant in any order; a space in one ends the plan in a bash error.
+    assert missing[2:] == [
+        ".runs/all_runs.zip",
+        "a plan item 'variant cap [reserve]', variant without spaces "
+        "(got '20way1shot, background 500 0')",
+    ]
