@@ -185,7 +185,7 @@ for item in "${plan[@]}"; do
   read -r variant cap reserve <<<"$item"
   share=$(( $(left) - reserve - 60 ))
   [ "$share" -gt "$cap" ] && share=$cap
-  [ "$share" -lt 45 ] && { log "no time left for $variant"; continue; }
+  [ "$share" -lt 45 ] && { log "no time left for $variant (${share}s of training, under 45)"; continue; }
   train_and_eval "$variant" "$share"
 done
 log "done"
