@@ -98,6 +98,11 @@ def test_incomplete_dataset_raises_clear_error(tmp_path):
         shutil.copy(TFDS_DIR / "omniglot" / omniglot.DATASET_VERSION / name, version_dir)
     with pytest.raises(omniglot.DatasetNotFoundError, match="omniglot"):
         omniglot.load_images(data_dir=tmp_path / "tfds", cache_dir=tmp_path / "cache")
+    # Prepared by tfds.load (TFRecord shards): found, but not readable as it is.
+    for split in ("train", "test"):
+        (version_dir / f"omniglot-{split}.tfrecord-00000-of-00001").touch()
+    with pytest.raises(omniglot.DatasetNotFoundError, match="TFRecord format.*convert_format"):
+        omniglot.load_images(data_dir=tmp_path / "tfds", cache_dir=tmp_path / "cache")
     # Shard files present but empty: TFDS fails to read them; still our error.
     for split in ("train", "test"):
         (version_dir / f"omniglot-{split}.array_record-00000-of-00001").touch()

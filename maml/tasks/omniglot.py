@@ -168,6 +168,13 @@ def _read_raw(
             for s in ("train", "test")
         }
         if not (dataset_dir / "dataset_info.json").is_file() or not all(shards.values()):
+            if list(dataset_dir.glob(f"{DATASET_NAME}-train.tfrecord-*")):  # tfds.load's default
+                raise DatasetNotFoundError(
+                    f"Omniglot {DATASET_VERSION} in {dataset_dir} is in the TFRecord format, "
+                    "which tfds.data_source cannot read: convert it beside with `tfds "
+                    f"convert_format --dataset_version_dir={dataset_dir} "
+                    "--out_file_format=array_record` (TensorFlow needed once)."
+                )
             raise DatasetNotFoundError(missing)
 
     try:
