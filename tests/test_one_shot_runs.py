@@ -232,15 +232,32 @@ def test_damaged_runs_fail_with_the_run_named(tmp_path, damage, message):
         omniglot.load_one_shot_runs(path)
 
 
-def test_evaluate_runs_rejects_a_model_that_is_not_20_way():
-    with pytest.raises(ValueError, match="20-way, but the model has 5 outputs"):
+@pytest.mark.parametrize("num_outputs", [5, 25])
+def test_evaluate_runs_rejects_a_model_that_is_not_20_way(num_outputs):
+    with pytest.raises(ValueError, match=f"20-way, but the model has {num_outputs} outputs"):
         one_shot_runs.evaluate_runs(
-            _pixel_reader(5),
+            _pixel_reader(num_outputs),
             {"scale": jnp.array(1.0)},
             _label_in_pixel_runs(1),
             inner_lr=0.1,
             num_inner_steps=1,
         )
+
+
+def test_table_shows_the_ci_and_each_run_at_the_report_step():
+    result = {
+        "num_runs": 2,
+        "num_items": 40,
+        "inner_steps": [0, 1, 2],
+        "error": [0.5, 0.25, 0.1],
+        "ci95": [0.03, 0.02, 0.01],
+        "runs": {"run01": [0.5, 0.3, 0.1], "run02": [0.5, 0.2, 0.1]},
+        "published": {},
+        "published_source": "x",
+    }
+    table = one_shot_runs.format_table(result, report_step=1)
+    assert "50.0% +-  3.0" in table and "25.0% +-  2.0  <- report step" in table
+    assert "per run after 1 steps" in table and "run01   30%" in table
 
 
 def test_inner_rates_keep_frozen_leaves_frozen():

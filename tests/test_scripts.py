@@ -567,3 +567,37 @@ def test_gpu_session_stops_at_once_on_what_it_lacks(tmp_path):
         "a plan item 'variant cap [reserve]', variant without spaces "
         "(got '20way1shot, background 500 0')",
     ]
+
+
+def test_common_errors_are_one_line_and_orbax_write_noise_is_dropped(tmp_path, monkeypatch):
+    import logging
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    from maml.tasks.omniglot import DatasetNotFoundError
+
+    import _common
+
+    class Failed(Exception):
+        pass
+
+    def fail(message):
+        raise Failed(message)
+
+    monkeypatch.setattr(_common, "fail", fail)
+    with pytest.raises(Failed, match="no Omniglot here"), _common.user_errors():
+        raise DatasetNotFoundError("no Omniglot here")
+    # A read-only mount (root passes any chmod, so os.access stands in for it):
+    # refused where the script writes, not where it only reads.
+    monkeypatch.setattr(_common.os, "access", lambda *args: False)
+    _common.check_directory(tmp_path, "--workdir", writable=False)
+    with pytest.raises(Failed, match="is not writable"):
+        _common.check_directory(tmp_path, "--workdir")
+
+    # orbax logs each failed write of a full disk with its traceback: dropped, as
+    # the one-line error says it all; its other errors, and others' logs, are kept.
+    def record(path, message, level=logging.ERROR):
+        return logging.LogRecord("absl", level, path, 1, message, None, None)
+
+    assert not _common._drop_failed_write_logs(record("/x/orbax/y.py", "No space left on device"))
+    assert _common._drop_failed_write_logs(record("/x/orbax/y.py", "something else"))
+    assert _common._drop_failed_write_logs(record("/x/maml/y.py", "No space left on device"))

@@ -291,6 +291,27 @@ def test_resume_refuses_other_training_settings_unless_allowed(tmp_path, capsys)
     assert json.loads((tmp_path / "config.json").read_text())["outer_lr"] == 1e-6
 
 
+def test_config_changes_lets_through_how_long_how_often_where_and_evaluation(tmp_path):
+    (tmp_path / "config.json").write_text(tiny().to_json_best_effort())
+    resumable = dict(num_steps=9, log_every=10, checkpoint_every=10, eval_every=50)
+    resumable.update(num_val_tasks=7, remat=True, num_eval_tasks=9, eval_inner_steps=3)
+    for field, value in resumable.items():
+        assert train.config_changes(tmp_path, tiny(**{field: value})) == [], field
+    trains = dict(num_inner_steps=2, inner_lr=0.02, algorithm="fomaml", outer_lr=0.1)
+    trains.update(meta_batch_size=8, seed=1)
+    for field, value in trains.items():
+        assert train.config_changes(tmp_path, tiny(**{field: value})) != [], field
+    # A config.json from before a field existed: the field is not compared.
+    saved = json.loads(tiny().to_json_best_effort())
+    del saved["remat"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert train.config_changes(tmp_path, tiny()) == []
+    # An empty one would compare nothing: the run's settings are lost.
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(train.CheckpointError, match="not a JSON object of settings"):
+        train.config_changes(tmp_path, tiny())
+
+
 def test_a_fresh_start_drops_an_earlier_runs_kept_configs(tmp_path):
     # Left by an earlier run here whose checkpoints were deleted: kept, it would be
     # taken for the settings that trained this run's step 50 at its next change.
@@ -350,12 +371,21 @@ def test_resume_survives_a_log_line_cut_short(tmp_path):
 
 
 def test_nothing_to_train_says_so(tmp_path, capsys):
-    train.train_and_evaluate(tiny(num_steps=100), tmp_path)
+    train.train_and_evaluate(tiny(num_steps=100, checkpoint_every=50), tmp_path)
     capsys.readouterr()
-    state = train.train_and_evaluate(tiny(num_steps=50), tmp_path)
+    state = train.train_and_evaluate(tiny(num_steps=50, checkpoint_every=50), tmp_path)
     assert int(state.step) == 100
     message = "is at step 100, not below config.num_steps=50: nothing to train"
     assert message in capsys.readouterr().err
+    train.train_and_evaluate(tiny(num_steps=100, checkpoint_every=50), tmp_path)  # the end
+    err = capsys.readouterr().err
+    assert "not below config.num_steps=100: nothing to train" in err
+    # An unchanged resume keeps config.json where it is, and says nothing of changes.
+    assert "resuming with" not in err and not list(tmp_path.glob("config.step*.json"))
+    # The last 3 checkpoints are kept: after a divergence, or a damaged latest one,
+    # earlier ones are left to resume from.
+    train.train_and_evaluate(tiny(num_steps=200, checkpoint_every=50), tmp_path)
+    assert train.checkpoint_manager(tmp_path).all_steps() == [100, 150, 200]
 
 
 def test_adaptation_curve_is_the_query_metric_after_k_steps():
@@ -536,6 +566,25 @@ def test_divergence_stops_the_run_and_keeps_the_checkpoints_before_it(tmp_path):
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
 
 
+def test_divergence_names_the_step_within_its_chunk(tmp_path, monkeypatch):
+    make = train.make_train_chunk
+
+    def diverging_from_step_4(*args):
+        chunk = make(*args)
+
+        def run(state, num):
+            state, metrics = chunk(state, num)
+            metrics = {k: np.array(v) for k, v in jax.device_get(metrics).items()}
+            metrics["loss"][3:] = np.nan
+            return state, metrics
+
+        return run
+
+    monkeypatch.setattr(train, "make_train_chunk", diverging_from_step_4)
+    with pytest.raises(train.DivergedError, match="not finite at step 4;"):
+        train.train_and_evaluate(tiny(num_steps=10, log_every=10), tmp_path)
+
+
 def test_first_nonfinite_finds_the_step_within_a_chunk():
     metrics = {"loss": np.array([1.0, 2.0, np.nan]), "acc": np.array([[1, 1], [1, np.inf], [1, 1]])}
     assert train.first_nonfinite(metrics) == 1
@@ -558,6 +607,13 @@ def test_summary_counts_diverged_tasks_and_keeps_the_median_finite():
         {"metric": "mse", "num_tasks": 5, "results": {"5": {"inner_steps": [0, 1], **s}}}
     )
     assert "K=5: 2 of 5 tasks not finite (diverged) after 1 steps, first after 1" in table
+    # The first step with a diverged task, not the last; each cell is mean +- CI.
+    s = train.summarize(np.array([[1.0, 2.0, 3.0], [1.0, np.inf, 3.0], [np.inf, np.inf, 3.0]]))
+    table = evaluate.format_table(
+        {"metric": "mse", "num_tasks": 3, "results": {"5": {"inner_steps": [0, 1, 2], **s}}}
+    )
+    assert f"{s['mean'][0]:.4f} +- {s['ci95'][0]:.4f}" in table
+    assert "2 of 3 tasks not finite (diverged) after 2 steps, first after 1" in table
 
 
 def test_evaluate_without_checkpoint_fails_clearly(tmp_path):
@@ -819,11 +875,12 @@ def test_logs_are_chunk_means_and_validation_the_last_row_at_eval_inner_lr(tmp_p
         )
 
     monkeypatch.setattr(train, "make_adaptation_curve", curve)
-    config = tiny(num_steps=50, eval_every=50, eval_inner_lr=0.5)
+    config = tiny(num_steps=50, eval_every=50, eval_inner_lr=0.5, eval_report_step=2)
     train.train_and_evaluate(config, tmp_path)
     (record,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert record["val_mse"] == 1.0  # after adaptation
-    assert calls[0]["inner_lr"] == 0.5 and calls[0]["num_inner_steps"] == config.num_inner_steps
+    # Validated as reported (Finn's 3 test-time steps at 5-way), not as trained (1).
+    assert calls[0]["inner_lr"] == 0.5 and calls[0]["num_inner_steps"] == 2
     # The logged loss and gradient norm are the means over the chunk's 50 steps.
     exp = train.build_experiment(config)
     _, metrics = train.make_train_chunk(exp, train.root_keys(0)[0])(train.init_state(exp), 50)
@@ -893,3 +950,44 @@ def test_figure_2_adapts_1_then_10_steps_in_all(tmp_path, monkeypatch):
     monkeypatch.setattr(plots.core, "adapt", spy)
     plots.sinusoid_adaptation(exp, exp.init_params, jax.random.key(0), tmp_path / "f.png")
     assert steps == [1, 9]  # the second curve continues from the first
+
+
+def test_a_validation_task_that_diverges_makes_the_validation_null(tmp_path, monkeypatch):
+    # Not the mean of the others: a NaN validation ranks last for the best checkpoint.
+    def curve(exp, task, **kwargs):
+        return lambda params, key, num_tasks: np.array([[9.0, 9.0], [1.0, np.nan]])
+
+    monkeypatch.setattr(train, "make_adaptation_curve", curve)
+    train.train_and_evaluate(tiny(num_steps=50, eval_every=50), tmp_path)
+    (record,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert record["val_mse"] is None
+
+
+def test_an_interrupt_after_a_logged_chunk_logs_it_once(tmp_path, monkeypatch):
+    class Bar(train.tqdm):  # the interrupt lands after step 100 is logged and saved
+        def update(self, n=1):
+            super().update(n)
+            if self.n == 100:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "tqdm", Bar)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(tiny(), tmp_path)
+    assert [r["step"] for r in train._read_metrics(tmp_path / "metrics.jsonl")] == [50, 100]
+
+
+def test_test_tasks_are_not_drawn_from_a_validation_key(tmp_path, monkeypatch):
+    # Both come from eval_key: the test tasks of K = 5 must not be step 5's validation.
+    train.train_and_evaluate(tiny(num_steps=50, checkpoint_every=50), tmp_path)
+    keys, curve = [], evaluate.adaptation_curve
+
+    def spy(exp, params, task, key, **kwargs):
+        keys.append(key)
+        return curve(exp, params, task, key, **kwargs)
+
+    monkeypatch.setattr(evaluate, "adaptation_curve", spy)
+    evaluate.evaluate(tiny(), tmp_path, write=False)
+    eval_key = train.root_keys(0)[1]
+    for step in (0, 5):
+        validation_key = jax.random.fold_in(eval_key, step)
+        assert not np.array_equal(jax.random.key_data(keys[0]), jax.random.key_data(validation_key))
