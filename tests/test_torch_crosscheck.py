@@ -6,7 +6,8 @@ BatchNorm) and of second-order MAML. Task by task, or with vmap over a BatchNorm
 written in plain ops, torch agrees with us to about 5e-15; the peer's own way, vmap
 over ``nn.BatchNorm2d``, does not (the xfail below): its meta-loss agrees to 1e-15,
 but its meta-gradient is 0.03-1.65% off per parameter array (torch 2.13.0, CPU), so
-the peer times a slightly inexact second-order step.
+the peer times a slightly inexact second-order step (cf. pytorch/functorch#534, "batch_norm
+backward batching rule is incorrect for grad_input").
 
 torch is not a dependency: name an interpreter that has it (the peer's venv),
 
