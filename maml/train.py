@@ -981,9 +981,10 @@ def _train_and_evaluate(
 
 
 def restore_params(
-    config: ml_collections.ConfigDict, workdir: str | Path, which: str = "latest"
+    config: ml_collections.ConfigDict, workdir: str | Path, which: str = "latest", task: Any = None
 ) -> tuple[Experiment, PyTree, int]:
-    """``(experiment, params, step)`` of the ``latest`` or ``best`` checkpoint in ``workdir``."""
+    """``(experiment, params, step)`` of the ``latest`` or ``best`` checkpoint in ``workdir``,
+    the experiment on ``config``'s test split (or on ``task``, if given)."""
     workdir = Path(workdir)
     family = config_changes(workdir, config, ("task",))
     if family:
@@ -998,7 +999,7 @@ def restore_params(
             f"{workdir} was trained on another split ({'; '.join(split)}, from its "
             "config.json), so these test tasks would not be held out: evaluate with its split."
         )
-    exp = build_experiment(config, "test")
+    exp = build_experiment(config, "test", task=task)
     folder = workdir / CHECKPOINTS[which]
     state = None
     if folder.is_dir():

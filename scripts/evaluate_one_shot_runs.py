@@ -60,7 +60,11 @@ def main(argv):
     workdir = Path(flags.FLAGS.workdir)
     with _common.user_errors():
         # Refuses a config whose split is not the one the model was trained on.
-        exp, params, step = train.restore_params(config, workdir, CHECKPOINT.value)
+        # On Lake's images, not the dataset's: the task family's loss and metric are all
+        # the experiment needs (Omniglot's are static), so no dataset or cache is read.
+        exp, params, step = train.restore_params(
+            config, workdir, CHECKPOINT.value, task=omniglot.Omniglot
+        )
         changes = train.warn_of_config_changes(workdir, config)
         if config.get("split_protocol") != "background":
             print(

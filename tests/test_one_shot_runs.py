@@ -379,8 +379,9 @@ def test_script_prints_its_table_before_a_write_that_fails(tmp_path, cache_dir, 
     (tmp_path / "one_shot_runs.json").mkdir()  # the write fails, as on a full disk
     result = _run_script(
         f"--config={CONFIG}:20way1shot,background",
-        f"--config.data_dir={TFDS_DIR}",
-        f"--config.cache_dir={cache_dir}",
+        # Lake's runs and the checkpoint are all it reads: no Omniglot dataset or cache.
+        f"--config.data_dir={tmp_path / 'no_data'}",
+        f"--config.cache_dir={tmp_path / 'no_cache'}",
         "--config.conv_impl=lax",
         "--config.eval_inner_steps=0",
         "--config.eval_report_step=0",
