@@ -736,10 +736,11 @@ def _train_and_evaluate(
     state = init_state(exp)
     # Checked before the restore, which would name only the first array a change reshapes.
     saved_step = manager.latest_step()
-    changed = config_changes(workdir, config) if saved_step is not None else []
-    # (another task is another model: its change is named below, as any other field's)
-    split_fields = [f for f in SPLIT_FIELDS if f != "task"]
-    split = config_changes(workdir, config, split_fields) if saved_step is not None else []
+    changed = split = []
+    if saved_step is not None:
+        changed = config_changes(workdir, config)
+        # (another task is another model: its change is named below, as any other field's)
+        split = config_changes(workdir, config, [f for f in SPLIT_FIELDS if f != "task"])
     if split:  # evaluation checks config.json's split: it must be every checkpoint's
         raise ConfigError(
             f"{workdir} holds a run at step {saved_step} trained on another split "
