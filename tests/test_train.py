@@ -347,6 +347,10 @@ def test_warnings_that_do_not_stop_a_run(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "warning: cannot lock" in err
     assert "config.eval_every=100 > config.num_steps=50: no validation will run" in err
+    # Validation at the last step is validation: no warning.
+    train.train_and_evaluate(tiny(num_steps=50, eval_every=50), tmp_path / "last")
+    assert "no validation will run" not in capsys.readouterr().err
+    assert (tmp_path / "last" / "best_checkpoint" / "50").is_dir()
 
 
 def test_a_failed_checkpoint_write_is_one_clear_error(tmp_path, monkeypatch):
