@@ -23,8 +23,6 @@ PyTree = Any
 ScalarFn = Callable[[PyTree], jax.Array]
 MatVec = Callable[[PyTree], PyTree]
 
-HVP_MODES = ("forward_over_reverse", "reverse_over_reverse", "reverse_over_forward")
-
 
 def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
     """The inner product ``sum_i <a_i, b_i>`` of two pytrees of the same structure."""
@@ -32,44 +30,33 @@ def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
     return sum(leaves, start=jnp.zeros((), jnp.result_type(*leaves)))
 
 
-def hvp_forward_over_reverse(f: ScalarFn, params: PyTree, v: PyTree) -> PyTree:
-    """``H v`` as the JVP of ``grad f``: one forward pass over the backward pass."""
-    return jax.jvp(jax.grad(f), (params,), (v,))[1]
-
-
-def hvp_reverse_over_reverse(f: ScalarFn, params: PyTree, v: PyTree) -> PyTree:
-    """``H v`` as the gradient of ``<grad f, v>`` (the JAX tutorial's version)."""
-    return jax.grad(lambda p: tree_vdot(jax.grad(f)(p), v))(params)
-
-
-def hvp_reverse_over_forward(f: ScalarFn, params: PyTree, v: PyTree) -> PyTree:
-    """``H v`` as the gradient of the directional derivative ``jvp(f, v)``."""
-    return jax.grad(lambda p: jax.jvp(f, (p,), (v,))[1])(params)
-
-
-def hvp(f: ScalarFn, params: PyTree, v: PyTree, *, mode: str = "forward_over_reverse") -> PyTree:
+def hvp(f: ScalarFn, params: PyTree, v: PyTree) -> PyTree:
     """The Hessian-vector product ``(d^2 f / d params^2) v``, without forming the Hessian.
+
+    Forward over reverse: the JVP of ``grad f``, one forward pass over the
+    backward pass (the cheapest of the three; the two below agree to rounding).
 
     Args:
       f: scalar function of a pytree, ``f(params) -> ()``.
       params: pytree of float arrays, the point at which the Hessian is taken.
       v: pytree shaped like ``params``.
-      mode: ``"forward_over_reverse"`` (the cheapest, default),
-        ``"reverse_over_reverse"`` or ``"reverse_over_forward"``; all three
-        agree to rounding. ``"reverse_over_forward"`` differentiates ``f``
-        forward first, which a ``jax.custom_vjp`` in ``f`` (the ``phases``
-        convolution of ``maml.ops``) does not allow.
 
     Returns:
       A pytree shaped like ``params``.
     """
-    if mode == "forward_over_reverse":
-        return hvp_forward_over_reverse(f, params, v)
-    elif mode == "reverse_over_reverse":
-        return hvp_reverse_over_reverse(f, params, v)
-    elif mode == "reverse_over_forward":
-        return hvp_reverse_over_forward(f, params, v)
-    raise ValueError(f"hvp mode must be one of {HVP_MODES}, got {mode!r}")
+    return jax.jvp(jax.grad(f), (params,), (v,))[1]
+
+
+def hvp_reverse_over_reverse(f: ScalarFn, params: PyTree, v: PyTree) -> PyTree:
+    """``hvp`` as the gradient of ``<grad f, v>`` (the JAX tutorial's version)."""
+    return jax.grad(lambda p: tree_vdot(jax.grad(f)(p), v))(params)
+
+
+def hvp_reverse_over_forward(f: ScalarFn, params: PyTree, v: PyTree) -> PyTree:
+    """``hvp`` as the gradient of the directional derivative ``jvp(f, v)``; a
+    ``jax.custom_vjp`` in ``f`` (the ``phases`` convolution of ``maml.ops``) does
+    not allow it."""
+    return jax.grad(lambda p: jax.jvp(f, (p,), (v,))[1])(params)
 
 
 def hessian(f: ScalarFn, params: PyTree) -> tuple[jax.Array, Callable[[jax.Array], PyTree]]:
