@@ -43,6 +43,7 @@ CONFIG = str(ROOT / "maml" / "configs" / "sinusoid.py")
         ("algorithm", "reptile", "one of maml, fomaml, imaml, pretrain"),
         ("eval_shots", (), "non-empty tuple"),
         ("init", "zeros", "one of lecun, finn"),
+        ("rotate", "sometimes", "one of none, per_class, new_classes"),
         ("num_val_tasks", 0, "positive integer"),
         ("task", "mnist", "one of sinusoid, omniglot"),
         ("model", "resnet", "one of mlp, convnet"),
@@ -83,6 +84,13 @@ def test_validate_omniglot_classes(overrides, expected):
     config.update(overrides)
     with pytest.raises(ConfigError, match=re.escape(expected)):
         validate(config)
+
+
+def test_the_background_splits_validation_size_is_a_config_field():
+    config = omniglot_configs.get_config("5way1shot,background")
+    config.lock()  # as --config.FIELD=VALUE sees it: a field the file lacks is refused
+    config.num_validation_classes = 50
+    validate(config)
 
 
 @pytest.mark.parametrize(

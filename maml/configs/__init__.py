@@ -161,7 +161,7 @@ def _check_omniglot(config) -> None:
                 f"has {omniglot.NUM_DRAWINGS} drawings per character, so it must be at most "
                 f"{omniglot.NUM_DRAWINGS}."
             )
-    num_validation = config.get("num_validation_classes", omniglot.FINN_NUM_VALIDATION)
+    num_validation = config.num_validation_classes
     if config.split_protocol == "finn" and num_validation != omniglot.FINN_NUM_VALIDATION:
         raise ConfigError(
             f"config.num_validation_classes={num_validation!r} is invalid with "

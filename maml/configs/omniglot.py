@@ -31,6 +31,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.cache_dir = ""
     c.split_protocol = "finn"  # 1100/100/423 characters; or "background"
     c.split_seed = 1
+    # "background" only: TFDS train's characters held out for validation.
+    c.num_validation_classes = 100
     c.rotate = "per_class"
     c.num_ways = 5
     c.num_shots = 1

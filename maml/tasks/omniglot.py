@@ -27,19 +27,18 @@ import os
 import re
 import zipfile
 import zlib
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from PIL import Image
 
 DATASET_NAME = "omniglot"
 DATASET_VERSION = "3.0.0"
-SOURCE_IMAGE_SIZE = 105
 IMAGE_SIZE = 28
 NUM_CHARACTERS = 1623
 NUM_BACKGROUND_CHARACTERS = 964  # TFDS `train` (Lake's "background"); `test` is the rest.
@@ -48,7 +47,6 @@ NUM_DRAWINGS = 20  # every character has exactly one drawing by each of 20 peopl
 SPLIT_PROTOCOLS = ("finn", "background")
 ROTATIONS = ("none", "per_class", "new_classes")
 SPLIT_NAMES = ("train", "validation", "test")
-_SPLIT_ALIASES = {"val": "validation", "valid": "validation", "meta_train": "train"}
 # Finn et al.'s character counts (cbfinn/maml data_generator.py): 1100 / 100 / 423.
 FINN_NUM_TRAIN = 1100
 FINN_NUM_VALIDATION = 100
@@ -94,17 +92,16 @@ def _lanczos_matrix(in_size: int, out_size: int) -> np.ndarray:
     return np.stack(columns, axis=1)
 
 
-def preprocess_images(images: np.ndarray, *, image_size: int = IMAGE_SIZE) -> np.ndarray:
+def preprocess_images(images: np.ndarray) -> np.ndarray:
     """Binarises and downsamples raw Omniglot images.
 
     Args:
       images: ``(B, H, W)`` or ``(B, H, W, C)`` integer or bool images with a
         light background and dark ink, in {0, 1} or {0, 255} (any max works:
         ink = pixel < max / 2 per image). With channels, the first is used.
-      image_size: output side length.
 
     Returns:
-      ``(B, image_size, image_size)`` uint8, ink 255 and background 0, resized
+      ``(B, IMAGE_SIZE, IMAGE_SIZE)`` uint8, ink 255 and background 0, resized
       with PIL's antialiasing LANCZOS filter (clipped to [0, 255]).
     """
     images = np.asarray(images)
@@ -115,7 +112,7 @@ def preprocess_images(images: np.ndarray, *, image_size: int = IMAGE_SIZE) -> np
     images = images.astype(np.int32)
     image_max = np.maximum(images.max(axis=(1, 2), keepdims=True), 1)
     ink = (2 * images < image_max).astype(np.float32)
-    matrix = _lanczos_matrix(images.shape[1], image_size)
+    matrix = _lanczos_matrix(images.shape[1], IMAGE_SIZE)
     resized = np.einsum("oh,bhw,pw->bop", matrix, ink, matrix, optimize=True)
     return np.clip(np.rint(resized * 255.0), 0, 255).astype(np.uint8)
 
@@ -129,10 +126,10 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("MAML_CACHE_DIR") or Path.home() / ".cache" / "maml").expanduser()
 
 
-def cache_path(cache_dir: str | os.PathLike | None = None, *, image_size: int = IMAGE_SIZE) -> Path:
+def cache_path(cache_dir: str | os.PathLike | None = None) -> Path:
     """Where the preprocessed images live: ``<cache_dir>/omniglot-3.0.0-<size>.npz``."""
     directory = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    return directory / f"{DATASET_NAME}-{DATASET_VERSION}-{image_size}.npz"
+    return directory / f"{DATASET_NAME}-{DATASET_VERSION}-{IMAGE_SIZE}.npz"
 
 
 def _how_to_provide() -> str:
@@ -142,9 +139,7 @@ def _how_to_provide() -> str:
     )
 
 
-def _read_raw(
-    data_dir: str | None, download: bool, image_size: int, *, cache: Path
-) -> dict[str, np.ndarray]:
+def _read_raw(data_dir: str | None, download: bool, *, cache: Path) -> dict[str, np.ndarray]:
     """Reads and preprocesses every image of TFDS ``omniglot`` (train and test splits)."""
     try:
         import tensorflow_datasets as tfds  # lazy: only needed without a cache
@@ -195,7 +190,7 @@ def _read_raw(
                     list(range(start, min(start + _DECODE_BATCH, len(source))))
                 )
                 raw = np.stack([_decode_png(e["image"]) for e in batch])
-                images.append(preprocess_images(raw, image_size=image_size))
+                images.append(preprocess_images(raw))
                 labels.extend(int(e["label"]) for e in batch)
                 alphabets.extend(int(e["alphabet"]) for e in batch)
     except (OSError, RuntimeError, KeyError, ValueError, ImportError, json_format.Error) as e:
@@ -231,13 +226,12 @@ def load_images(
     data_dir: str | os.PathLike | None = None,
     download: bool = False,
     cache_dir: str | os.PathLike | None = None,
-    image_size: int = IMAGE_SIZE,
 ) -> dict[str, np.ndarray]:
     """All 1623 characters, preprocessed, from the cache or else from TFDS.
 
     The first call reads TFDS ``omniglot`` from ``data_dir`` (else
     ``$TFDS_DATA_DIR``, else TFDS's default), preprocesses it (several
-    seconds) and writes ``cache_path(cache_dir, image_size=...)``; later calls
+    seconds) and writes ``cache_path(cache_dir)``; later calls
     only load that file. The cache is keyed by dataset version and image size,
     not by ``data_dir``.
 
@@ -253,7 +247,7 @@ def load_images(
       DatasetNotFoundError: no cache and the dataset is missing or incomplete,
         or the cache cannot be written.
     """
-    path = cache_path(cache_dir, image_size=image_size)
+    path = cache_path(cache_dir)
     # Fail before the slow read, not at the write after it.
     if path.exists() and not path.is_file():
         raise DatasetNotFoundError(f"the Omniglot cache {path} is not a file: move it away")
@@ -264,7 +258,7 @@ def load_images(
                     f"the Omniglot cache cannot be written to {path.parent}: {parent} is a file"
                 )
             break
-    cached = _load_cache(path, image_size)
+    cached = _load_cache(path)
     if cached is not None:
         return cached
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -276,9 +270,7 @@ def load_images(
     finally:  # (on a read-only file system even this fails: keep the error above)
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-    data = _read_raw(
-        None if data_dir is None else os.fspath(data_dir), download, image_size, cache=path
-    )
+    data = _read_raw(None if data_dir is None else os.fspath(data_dir), download, cache=path)
     try:
         with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz"
             np.savez(f, format=np.int64(_CACHE_FORMAT), **data)
@@ -291,7 +283,7 @@ def load_images(
     return data
 
 
-def _load_cache(path: Path, image_size: int) -> dict[str, np.ndarray] | None:
+def _load_cache(path: Path) -> dict[str, np.ndarray] | None:
     if not path.is_file():
         return None
     try:
@@ -302,7 +294,7 @@ def _load_cache(path: Path, image_size: int) -> dict[str, np.ndarray] | None:
         # Unreadable (empty, truncated, not an .npz, a damaged zip directory or
         # .npy header: numpy raises a dozen kinds of error for those): rebuild it.
         return None
-    expected = (NUM_CHARACTERS, NUM_DRAWINGS, image_size, image_size)
+    expected = (NUM_CHARACTERS, NUM_DRAWINGS, IMAGE_SIZE, IMAGE_SIZE)
     if (
         cache_format.shape != ()
         or cache_format != _CACHE_FORMAT  # from another version of this code
@@ -372,7 +364,6 @@ def load_splits(
     protocol: str = "finn",
     split_seed: int = 1,
     num_validation_classes: int = FINN_NUM_VALIDATION,
-    image_size: int = IMAGE_SIZE,
 ) -> dict[str, OmniglotSplit]:
     """The meta-train, validation and meta-test character splits.
 
@@ -387,9 +378,7 @@ def load_splits(
     ids = split_character_ids(
         protocol=protocol, split_seed=split_seed, num_validation_classes=num_validation_classes
     )
-    data = load_images(
-        data_dir=data_dir, download=download, cache_dir=cache_dir, image_size=image_size
-    )
+    data = load_images(data_dir=data_dir, download=download, cache_dir=cache_dir)
     return {
         name: OmniglotSplit(data["images"][c], c, data["alphabet_ids"][c])
         for name, c in ids.items()
@@ -556,68 +545,28 @@ def correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
 # Config.
 
 
-def _get(config: Any, name: str, default: Any) -> Any:
-    value = config.get(name, default) if hasattr(config, "get") else getattr(config, name, default)
-    return default if value is None else value
+def from_config(config: ml_collections.ConfigDict, split: str) -> Omniglot:
+    """The ``Omniglot`` task family of ``split`` ("train", "validation" or "test").
 
-
-def validate_config(config: Mapping | Any) -> None:
-    """Checks the Omniglot fields of ``config`` before any data is read.
-
-    Raises:
-      ValueError: one sentence naming the field, its value and what is allowed.
+    ``config`` has the fields of ``maml/configs/omniglot.py``, checked by
+    ``maml.configs.validate``; an empty ``data_dir`` or ``cache_dir`` means the default.
     """
-    protocol = _get(config, "split_protocol", "finn")
-    if protocol not in SPLIT_PROTOCOLS:
-        raise ValueError(
-            f"config.split_protocol must be one of {SPLIT_PROTOCOLS}, got {protocol!r}"
-        )
-    rotate = _get(config, "rotate", "per_class")
-    if rotate not in ROTATIONS:
-        raise ValueError(f"config.rotate must be one of {ROTATIONS}, got {rotate!r}")
-    for name, default in (("num_ways", 5), ("num_shots", 1), ("num_query", 15)):
-        value = _get(config, name, default)
-        if not isinstance(value, int | np.integer) or value < 1:
-            raise ValueError(f"config.{name} must be a positive integer, got {value!r}")
-    total = _get(config, "num_shots", 1) + _get(config, "num_query", 15)
-    if total > NUM_DRAWINGS:
-        raise ValueError(
-            f"config.num_shots + config.num_query must be <= {NUM_DRAWINGS} (drawings per "
-            f"character), got {total}"
-        )
-
-
-def from_config(config: Mapping | Any, split: str) -> Omniglot:
-    """Builds the ``Omniglot`` task family of one split from a config.
-
-    Reads ``data_dir``, ``download``, ``cache_dir`` (None or empty: the
-    defaults), ``split_protocol`` ("finn"), ``split_seed`` (1),
-    ``num_validation_classes`` (100, "background" only), ``num_ways`` (5),
-    ``num_shots`` (1), ``num_query`` (15) and ``rotate`` ("per_class"),
-    each falling back to the default in brackets when missing.
-
-    Args:
-      config: an ``ml_collections.ConfigDict`` or a mapping.
-      split: ``"train"``, ``"validation"`` (or ``"val"``) or ``"test"``.
-    """
-    name = _SPLIT_ALIASES.get(split, split)
-    if name not in SPLIT_NAMES:
+    if split not in SPLIT_NAMES:
         raise ValueError(f"split must be one of {SPLIT_NAMES}, got {split!r}")
-    validate_config(config)
     splits = load_splits(
-        data_dir=_get(config, "data_dir", None) or None,
-        download=bool(_get(config, "download", False)),
-        cache_dir=_get(config, "cache_dir", None) or None,
-        protocol=_get(config, "split_protocol", "finn"),
-        split_seed=int(_get(config, "split_seed", 1)),
-        num_validation_classes=int(_get(config, "num_validation_classes", FINN_NUM_VALIDATION)),
+        data_dir=config.data_dir or None,
+        download=config.download,
+        cache_dir=config.cache_dir or None,
+        protocol=config.split_protocol,
+        split_seed=config.split_seed,
+        num_validation_classes=config.num_validation_classes,
     )
     return Omniglot(
-        images=jnp.asarray(splits[name].images),
-        num_ways=int(_get(config, "num_ways", 5)),
-        num_shots=int(_get(config, "num_shots", 1)),
-        num_query=int(_get(config, "num_query", 15)),
-        rotate=_get(config, "rotate", "per_class"),
+        images=splits[split].images,
+        num_ways=config.num_ways,
+        num_shots=config.num_shots,
+        num_query=config.num_query,
+        rotate=config.rotate,
     )
 
 
@@ -625,14 +574,11 @@ def from_config(config: Mapping | Any, split: str) -> Omniglot:
 # Lake et al.'s 20 one-shot runs.
 
 
-def load_one_shot_runs(
-    path: str | os.PathLike, *, image_size: int = IMAGE_SIZE
-) -> list[dict[str, np.ndarray]]:
+def load_one_shot_runs(path: str | os.PathLike) -> list[dict[str, np.ndarray]]:
     """Lake et al.'s 20 within-alphabet 20-way one-shot runs.
 
     Args:
       path: ``all_runs.zip``, or the folder it unpacks to (``run01/`` ...).
-      image_size: output side length, as for the dataset.
 
     Returns:
       One dict per run, in order: ``name`` ("run01"), ``support``
@@ -670,7 +616,7 @@ def load_one_shot_runs(
         result = []
         for run in runs:
             try:
-                result.append(_read_one_shot_run(run, names, read, image_size))
+                result.append(_read_one_shot_run(run, names, read))
             # What a damaged file raises: zlib.error for a bad deflate stream, SyntaxError
             # for a bad PNG chunk, KeyError for a file the labels name but the run lacks.
             except (
@@ -689,7 +635,7 @@ def load_one_shot_runs(
             archive.close()
 
 
-def _read_one_shot_run(run: str, names: list[str], read, image_size: int) -> dict:
+def _read_one_shot_run(run: str, names: list[str], read) -> dict:
     """One run of ``load_one_shot_runs``; ``read(name) -> bytes`` reads a file of the runs."""
     pairs = [line.split() for line in read(f"{run}/class_labels.txt").decode().splitlines()]
     pairs = sorted(p for p in pairs if p)
@@ -709,7 +655,7 @@ def _read_one_shot_run(run: str, names: list[str], read, image_size: int) -> dic
 
     def load(file_names):
         raw = np.stack([_decode_png(read(n)) for n in file_names])
-        x = preprocess_images(raw, image_size=image_size)
+        x = preprocess_images(raw)
         return x.astype(np.float32)[..., None] / 255.0
 
     return {
