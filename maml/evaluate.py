@@ -15,8 +15,8 @@ import ml_collections
 
 from maml import plots
 from maml.train import (
-    adaptation_curve,
     finite_or_null,
+    make_adaptation_curve,
     restore_params,
     root_keys,
     summarize,
@@ -52,15 +52,17 @@ def evaluate(
     results = {}
     for shots in config.eval_shots:
         task = _with_shots(exp.task, shots, config)
-        values = adaptation_curve(
+        curve = make_adaptation_curve(
             exp,
-            params,
             task,
-            jax.random.fold_in(eval_key, shots),
-            num_tasks=config.num_eval_tasks,
             inner_lr=config.get("eval_inner_lr", config.inner_lr),
             num_inner_steps=config.eval_inner_steps,
             batch_size=batch_size,
+        )
+        values = curve(
+            params,
+            jax.random.fold_in(eval_key, shots),
+            num_tasks=config.num_eval_tasks,
             progress=f"{config.task} K={shots}",
         )
         results[str(shots)] = {"inner_steps": steps, **summarize(values)}

@@ -6,13 +6,10 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from maml import core  # noqa: E402
+from maml import core
 
 ALGORITHM_TITLES = {
     "maml": "MAML",
@@ -22,14 +19,15 @@ ALGORITHM_TITLES = {
 }
 
 
-def training_curves(records: list[dict], path: Path) -> None:
+def training_curves(records: list[dict], path: Path) -> Figure | None:
     """One panel per logged metric against the meta-step (a null value, not finite
     when logged, is a gap)."""
     # Periodic metrics (validation) appear in some records only.
     keys = list(dict.fromkeys(k for r in records for k in r if k not in ("step", "wall_s")))
     if not keys:
-        return
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+        return None
+    fig = Figure(figsize=(4 * len(keys), 3.2))
+    axes = fig.subplots(1, len(keys), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
         logged = [r for r in records if key in r]
         ax.plot(
@@ -49,10 +47,10 @@ def training_curves(records: list[dict], path: Path) -> None:
             ax.set_yscale("log")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
-def sinusoid_adaptation(exp, params, key, path: Path, *, steps=(1, 10)) -> None:
+def sinusoid_adaptation(exp, params, key, path: Path, *, steps=(1, 10)) -> Figure:
     """Finn et al.'s Figure 2: ground truth, the K support points, and the
     prediction before adaptation and after 1 and 10 inner steps, on one task."""
     task = exp.task
@@ -60,7 +58,8 @@ def sinusoid_adaptation(exp, params, key, path: Path, *, steps=(1, 10)) -> None:
     support = jax.tree.map(lambda a: a[0], episode["support"])
     x = jnp.linspace(*task.input_range, 200)[:, None]
     truth = task.ground_truth(episode["amplitude"], episode["phase"], x[None])[0]
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig = Figure(figsize=(5.5, 3.8))
+    ax = fig.subplots()
     ax.plot(x, truth, color="tab:red", lw=2, label="ground truth")
     ax.plot(x, exp.apply_fn(params, x), ":", color="tab:green", label="pre-update")
     p, done = params, 0
@@ -88,12 +87,13 @@ def sinusoid_adaptation(exp, params, key, path: Path, *, steps=(1, 10)) -> None:
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
-def adaptation_curves(evaluation: dict, path: Path) -> None:
+def adaptation_curves(evaluation: dict, path: Path) -> Figure:
     """Finn et al.'s Figure 3: the metric (mean, 95% CI) against inner steps, one line per K."""
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+    fig = Figure(figsize=(5, 3.6))
+    ax = fig.subplots()
     metric = evaluation["metric"]
     finite_means = []
     for shots, r in evaluation["results"].items():
@@ -137,4 +137,4 @@ def adaptation_curves(evaluation: dict, path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig

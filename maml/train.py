@@ -282,10 +282,16 @@ def make_adaptation_curve(
     num_inner_steps: int,
     batch_size: int,
 ) -> Callable[..., np.ndarray]:
-    """``adaptation_curve`` compiled once: ``curve(params, key, *, num_tasks, progress=None)``.
+    """``curve(params, key, *, num_tasks, progress=None)``: the query metric of
+    ``num_tasks`` fresh tasks after 0..``num_inner_steps`` SGD steps, compiled once
+    (training validates with it every ``eval_every`` steps).
 
-    Training validates with the same function every ``eval_every`` steps; building
-    it once keeps those validations from tracing and compiling it again.
+    Tasks are drawn ``batch_size`` at a time from ``task`` (batch ``b`` from
+    ``fold_in(key, b)``) and adapted on their support sets at ``inner_lr``
+    (``exp.inner_rates``: 0 for the leaves the config keeps out of the inner
+    loop). ``progress``, if given, labels a progress bar over the batches.
+    ``curve`` returns a ``(num_inner_steps + 1, num_tasks)`` numpy array of
+    ``task.metric``.
     """
     rates = exp.inner_rates(inner_lr)
     # The tasks of a batch are split over the mesh as in training, when they
@@ -327,34 +333,6 @@ def make_adaptation_curve(
         return np.concatenate(out, axis=1)[:, :num_tasks]
 
     return curve
-
-
-def adaptation_curve(
-    exp: Experiment,
-    params: PyTree,
-    task,
-    key: jax.Array,
-    *,
-    num_tasks: int,
-    inner_lr: float,
-    num_inner_steps: int,
-    batch_size: int,
-    progress: str | None = None,
-) -> np.ndarray:
-    """Query metric of ``num_tasks`` fresh tasks after 0..``num_inner_steps`` SGD steps.
-
-    Tasks are drawn ``batch_size`` at a time from ``task`` (batch ``b`` from
-    ``fold_in(key, b)``) and adapted on their support sets at ``inner_lr``
-    (``exp.inner_rates``: 0 for the leaves the config keeps out of the inner
-    loop). ``progress``, if given, labels a progress bar over the batches.
-
-    Returns:
-      ``(num_inner_steps + 1, num_tasks)`` numpy array of ``task.metric``.
-    """
-    curve = make_adaptation_curve(
-        exp, task, inner_lr=inner_lr, num_inner_steps=num_inner_steps, batch_size=batch_size
-    )
-    return curve(params, key, num_tasks=num_tasks, progress=progress)
 
 
 def summarize(values: np.ndarray) -> dict:
@@ -562,8 +540,9 @@ difference in a near-zero gradient), and evaluation. Any other change makes the 
 something its checkpoint was not."""
 
 
-SPLIT_FIELDS = ("task", "split_protocol", "split_seed", "num_validation_classes")
-"""Config fields that decide which examples are meta-train, validation and test."""
+SPLIT_FIELDS = ("split_protocol", "split_seed", "num_validation_classes")
+"""Config fields that decide, within a task family, which examples are meta-train,
+validation and test."""
 
 
 def config_changes(
@@ -739,8 +718,7 @@ def _train_and_evaluate(
     changed = split = []
     if saved_step is not None:
         changed = config_changes(workdir, config)
-        # (another task is another model: its change is named below, as any other field's)
-        split = config_changes(workdir, config, [f for f in SPLIT_FIELDS if f != "task"])
+        split = config_changes(workdir, config, SPLIT_FIELDS)
     if split:  # evaluation checks config.json's split: it must be every checkpoint's
         raise ConfigError(
             f"{workdir} holds a run at step {saved_step} trained on another split "

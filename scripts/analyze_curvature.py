@@ -146,12 +146,10 @@ def analyze(exp, params, *, num_tasks, top_k, num_iters, num_probes, seed) -> di
 
 
 def plot(report, path: Path) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    fig = Figure(figsize=(13, 4.5))
+    axes = fig.subplots(1, 2)
     limit = 2.0 / report["inner_lr"]
     for ax, name, title in (
         (axes[0], "support_loss", "pre-adaptation support loss"),
@@ -202,7 +200,6 @@ def plot(report, path: Path) -> None:
     )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def print_summary(report) -> None:

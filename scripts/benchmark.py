@@ -84,10 +84,6 @@ def parse_args(argv=None):
     for name in ("n_way", "k_spt", "k_qry", "task_num", "steps", "rounds", "cpu_devices"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
-    if args.cpu_devices and args.task_num % args.cpu_devices:
-        p.error(
-            f"--task-num={args.task_num} must be a multiple of --cpu-devices={args.cpu_devices}"
-        )
     if args.first_order:  # the peer's flag, for fomaml
         if args.algorithm == "imaml":
             p.error("--first-order is first-order MAML: drop it or --algorithm=imaml")

@@ -182,13 +182,11 @@ def print_table(report) -> None:
 
 
 def plot(report, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     steps = [r["num_inner_steps"] for r in report["results"]]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig = Figure(figsize=(15, 4.2))
+    axes = fig.subplots(1, 3)
     for name in analysis.METHODS:
         times = [1e3 * r["methods"][name]["median_s"] for r in report["results"]]
         axes[0].plot(steps, times, "o-", label=name)
@@ -211,7 +209,6 @@ def plot(report, path: Path) -> None:
     )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv):

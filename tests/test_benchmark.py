@@ -98,7 +98,7 @@ def test_trace_summary_counts_device_ops_and_their_union(tmp_path):
     "args, message",
     [
         (["--task-num", "0"], "--task-num=0"),
-        (["--task-num", "3", "--cpu-devices", "2"], "multiple of --cpu-devices=2"),
+        (["--task-num", "3", "--cpu-devices", "2"], "must be a multiple of the 2 devices"),
         (["--k-spt", "10"], "--k-spt + --k-qry = 25 is invalid"),
         (["--n-way", "500"], "--n-way=500 is invalid: it must be at most 423"),
         (["--conv-impl", "fft"], "invalid choice: 'fft'"),

@@ -32,8 +32,8 @@ config.meta_batch_size = 6
 assert train.restore_params(config, sys.argv[1])[2] == 20
 # 8 tasks a batch split over the 4 devices, 6 not (replicated): the same tasks either way.
 curves = [
-    train.adaptation_curve(exp, state.params, exp.task, jax.random.key(7), num_tasks=12,
-                           inner_lr=config.inner_lr, num_inner_steps=2, batch_size=b)
+    train.make_adaptation_curve(exp, exp.task, inner_lr=config.inner_lr, num_inner_steps=2,
+                                batch_size=b)(state.params, jax.random.key(7), num_tasks=12)
     for b in (8, 6)
 ]
 np.save(sys.argv[2], np.concatenate([np.asarray(ravel_pytree(state.params)[0])]

@@ -31,27 +31,12 @@ def test_training_lowers_post_adaptation_loss(tmp_path):
     config = tiny(num_steps=300, log_every=100, checkpoint_every=300)
     exp = train.build_experiment(config)
     key = jax.random.key(123)
-    before = train.adaptation_curve(
-        exp,
-        exp.init_params,
-        exp.task,
-        key,
-        num_tasks=200,
-        inner_lr=config.inner_lr,
-        num_inner_steps=1,
-        batch_size=200,
+    curve = train.make_adaptation_curve(
+        exp, exp.task, inner_lr=config.inner_lr, num_inner_steps=1, batch_size=200
     )
+    before = curve(exp.init_params, key, num_tasks=200)
     state = train.train_and_evaluate(config, tmp_path)
-    after = train.adaptation_curve(
-        exp,
-        state.params,
-        exp.task,
-        key,
-        num_tasks=200,
-        inner_lr=config.inner_lr,
-        num_inner_steps=1,
-        batch_size=200,
-    )
+    after = curve(state.params, key, num_tasks=200)
     assert after[1].mean() < 0.7 * before[1].mean()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [100, 200, 300]
@@ -395,16 +380,9 @@ def test_nothing_to_train_says_so(tmp_path, capsys):
 def test_adaptation_curve_is_the_query_metric_after_k_steps():
     exp = train.build_experiment(tiny())
     key, lr = jax.random.key(5), 0.3
-    curve = train.adaptation_curve(
-        exp,
-        exp.init_params,
-        exp.task,
-        key,
-        num_tasks=6,
-        inner_lr=lr,
-        num_inner_steps=2,
-        batch_size=4,
-    )
+    curve = train.make_adaptation_curve(
+        exp, exp.task, inner_lr=lr, num_inner_steps=2, batch_size=4
+    )(exp.init_params, key, num_tasks=6)
     # Batch b of 4 tasks from fold_in(key, b); the last batch's extra tasks dropped.
     expected = []
     for b, kept in ((0, 4), (1, 2)):
@@ -438,15 +416,15 @@ def test_evaluate_writes_eval_json(tmp_path, capsys, monkeypatch):
     )
     train.train_and_evaluate(config, tmp_path)
     capsys.readouterr()
-    curve, calls = evaluate.adaptation_curve, []
+    make, calls = evaluate.make_adaptation_curve, []
 
-    def spy(exp, params, task, key, **kwargs):
+    def spy(exp, task, **kwargs):
         calls.append(
             (task.num_support, task.num_query, kwargs["inner_lr"], kwargs["num_inner_steps"])
         )
-        return curve(exp, params, task, key, **kwargs)
+        return make(exp, task, **kwargs)
 
-    monkeypatch.setattr(evaluate, "adaptation_curve", spy)
+    monkeypatch.setattr(evaluate, "make_adaptation_curve", spy)
     result = evaluate.evaluate(config, tmp_path)
     # Each K's tasks have K support points and eval_num_query query points; adapted at
     # eval_inner_lr, not inner_lr (0.01).
@@ -792,18 +770,16 @@ def test_nonfinite_metrics_are_logged_as_null_and_plotted_as_gaps(tmp_path):
     assert (tmp_path / "t.png").stat().st_size > 0
 
 
-def test_figure_3_marks_diverged_steps_from_memory_or_eval_json(tmp_path, monkeypatch):
+def test_figure_3_marks_diverged_steps_from_memory_or_eval_json(tmp_path):
     inf = float("inf")
     results = {
         "5": {"inner_steps": [0, 1, 2], "mean": [3.0, 0.5, inf], "ci95": [0.2, inf, 0.1]},
         "10": {"inner_steps": [0, 1, 2], "mean": [3.0, 0.4, None], "ci95": [0.2, None, None]},
     }
-    figures = []
-    monkeypatch.setattr(plots.plt, "close", figures.append)
     evaluation = {"metric": "mse", "num_tasks": 5, "results": results}
-    plots.adaptation_curves(evaluation, tmp_path / "e.png")
+    fig = plots.adaptation_curves(evaluation, tmp_path / "e.png")
     assert (tmp_path / "e.png").stat().st_size > 0
-    (ax,) = figures[0].axes
+    (ax,) = fig.axes
     marks = {line.get_label(): list(line.get_xdata()) for line in ax.lines}
     marks = {label: x for label, x in marks.items() if "diverged" in label}
     assert marks == {
@@ -820,18 +796,14 @@ def test_figure_3_marks_diverged_steps_from_memory_or_eval_json(tmp_path, monkey
         ("accuracy", [0.2, 0.9, 0.99], False),
     ],
 )
-def test_figure_3_axis_and_bars_stay_in_the_metrics_range(
-    tmp_path, monkeypatch, metric, means, log_scale
-):
+def test_figure_3_axis_and_bars_stay_in_the_metrics_range(tmp_path, metric, means, log_scale):
     # A few diverging tasks (means of 1e18 beside 0.3) flattened a linear axis, and
     # bars wider than the mean reached negative MSEs (or accuracies above 1).
     results = {"5": {"inner_steps": [0, 1, 2], "mean": means, "ci95": [0.5, 0.5, 4e18]}}
-    figures = []
-    monkeypatch.setattr(plots.plt, "close", figures.append)
-    plots.adaptation_curves(
+    fig = plots.adaptation_curves(
         {"metric": metric, "num_tasks": 5, "results": results}, tmp_path / "e.png"
     )
-    (ax,) = figures[0].axes
+    (ax,) = fig.axes
     assert (ax.get_yscale() == "log") == log_scale
     assert ax.get_ylabel() == metric + (" (log scale)" if log_scale else "")
     (bars,) = ax.collections  # the vertical error bars
@@ -842,12 +814,10 @@ def test_figure_3_axis_and_bars_stay_in_the_metrics_range(
 
 
 @pytest.mark.parametrize("algorithm, title", [("maml", "MAML"), ("pretrain", "pretrained")])
-def test_figure_2_names_the_algorithm(tmp_path, monkeypatch, algorithm, title):
+def test_figure_2_names_the_algorithm(tmp_path, algorithm, title):
     exp = train.build_experiment(tiny(algorithm=algorithm))
-    figures = []
-    monkeypatch.setattr(plots.plt, "close", figures.append)
-    plots.sinusoid_adaptation(exp, exp.init_params, jax.random.key(0), tmp_path / "a.png")
-    assert figures[0].axes[0].get_title() == f"{title}, K={exp.task.num_support}"
+    fig = plots.sinusoid_adaptation(exp, exp.init_params, jax.random.key(0), tmp_path / "a.png")
+    assert fig.axes[0].get_title() == f"{title}, K={exp.task.num_support}"
 
 
 def test_train_step_is_adam_on_the_episode_of_its_step():
@@ -929,15 +899,12 @@ def test_a_failed_write_leaves_the_old_eval_json_whole(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "key, values", [("val_mse", (0.5, 2.0, 0.5)), ("val_accuracy", (0.9, 0.5, 0.9))]
 )
-def test_training_plot_stars_the_step_best_checkpoint_holds(tmp_path, monkeypatch, key, values):
+def test_training_plot_stars_the_step_best_checkpoint_holds(tmp_path, key, values):
     # The best validation value, of equal ones the later: what best_checkpoint/ keeps.
     records = [
         {"step": s, "loss": 1.0, key: v} for s, v in zip((50, 100, 150), values, strict=True)
     ]
-    figures = []
-    monkeypatch.setattr(plots.plt, "close", figures.append)
-    plots.training_curves(records, tmp_path / "training.png")
-    (figure,) = figures
+    figure = plots.training_curves(records, tmp_path / "training.png")
     (ax,) = [ax for ax in figure.axes if ax.get_title() == key]
     (star,) = [line for line in ax.get_lines() if line.get_marker() == "*"]
     assert (list(star.get_xdata()), list(star.get_ydata())) == ([150], [values[2]])
@@ -983,13 +950,18 @@ def test_an_interrupt_after_a_logged_chunk_logs_it_once(tmp_path, monkeypatch):
 def test_test_tasks_are_not_drawn_from_a_validation_key(tmp_path, monkeypatch):
     # Both come from eval_key: the test tasks of K = 5 must not be step 5's validation.
     train.train_and_evaluate(tiny(num_steps=50, checkpoint_every=50), tmp_path)
-    keys, curve = [], evaluate.adaptation_curve
+    keys, make = [], evaluate.make_adaptation_curve
 
-    def spy(exp, params, task, key, **kwargs):
-        keys.append(key)
-        return curve(exp, params, task, key, **kwargs)
+    def spy(*args, **kwargs):
+        curve = make(*args, **kwargs)
 
-    monkeypatch.setattr(evaluate, "adaptation_curve", spy)
+        def spied(params, key, **kwargs):
+            keys.append(key)
+            return curve(params, key, **kwargs)
+
+        return spied
+
+    monkeypatch.setattr(evaluate, "make_adaptation_curve", spy)
     evaluate.evaluate(tiny(), tmp_path, write=False)
     eval_key = train.root_keys(0)[1]
     for step in (0, 5):
