@@ -411,11 +411,23 @@ def test_curvature_of_frozen_leaves_is_of_the_adapted_leaves(monkeypatch):
     )
     frozen_size = sum(np.size(x) for x in jax.tree.leaves(params["layers"][0]))
     assert frozen_size > 0
-    fake = types.SimpleNamespace(
-        config=exp.config, task=exp.task, loss_fn=exp.loss_fn, inner_lr=frozen
-    )
+    config = exp.config.copy_and_resolve_references()
+    config.num_inner_steps = 2  # the tiny config's 1 would hide a meta-loss of 1 step
+    fake = types.SimpleNamespace(config=config, task=exp.task, loss_fn=exp.loss_fn, inner_lr=frozen)
     report = script.analyze(fake, params, num_tasks=2, top_k=1, num_iters=2, num_probes=1, seed=0)
     assert report["num_adapted_params"] == report["num_params"] - frozen_size
     # The batch's support spectrum (eigenvalues, density, value) and the per-task
     # lambda_max all see the restricted loss, never the full one.
     assert len(traced) >= 4 and all(traced)
+    # The meta-loss is the full loss after the config's inner steps, on the seed's tasks.
+    episode = exp.task.sample(jax.random.split(jax.random.key(0))[0], 2)
+    expected = core.batched_meta_loss(
+        exp.loss_fn,
+        params,
+        episode["support"],
+        episode["query"],
+        inner_lr=frozen,
+        num_inner_steps=2,
+    )
+    assert report["num_inner_steps"] == 2
+    assert report["meta_loss"]["value"] == pytest.approx(float(expected), rel=1e-5)

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import jax
@@ -100,6 +101,9 @@ def test_meta_gradient_matches_finite_differences(results):
     assert m["max_abs_diff_vs_tutorial_formula"] < 1e-12
     assert m["meta_grad_norm"] > 0.0
     np.testing.assert_allclose(m["meta_grad_first"], m["finite_difference_first"], atol=1e-6)
+    # Two computations (a float64 central difference is off in the last digits), not one
+    # under two names.
+    assert m["meta_grad_first"] != m["finite_difference_first"]
 
 
 def test_td_updates(results):
@@ -162,3 +166,24 @@ def test_bad_arguments_are_one_line_and_exit_2(arg, expected):
     assert completed.returncode == 2 and completed.stdout == ""
     assert completed.stderr.strip().splitlines() == [completed.stderr.strip()]
     assert completed.stderr.startswith(expected)
+
+
+def test_median_seconds_is_per_call_and_leaves_out_the_warm_up(script, monkeypatch):
+    """A fake clock and asynchronous calls, paid when waited for: the warm-up (compile)
+    costs 100 s, then each call of repeat r costs (1, 2, 9)[r] s."""
+    clock, pending, calls = [0.0], [0.0], []
+
+    def fn():
+        calls.append(1)
+        pending[0] += 100.0 if len(calls) == 1 else (1.0, 2.0, 9.0)[(len(calls) - 2) // 5]
+        return len(calls)
+
+    def wait(x):
+        clock[0] += pending[0]
+        pending[0] = 0.0
+        return x
+
+    monkeypatch.setattr(script, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(script.jax, "block_until_ready", wait)
+    assert script._median_seconds(fn, number=5, repeats=3) == 2.0  # the median per call
+    assert len(calls) == 1 + 5 * 3

@@ -6,8 +6,10 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,7 +192,8 @@ def test_a_failing_peer_keeps_our_timings(tmp_path, monkeypatch, capsys, peer_co
 
 
 def test_ratio_is_of_medians_and_peer_gets_our_shapes(tmp_path, monkeypatch, capsys):
-    """Equal speeds give a ratio of 1 for an even --rounds; the peer gets our shapes."""
+    """The ratio is ours over the peer's, of the medians (not the median of per-round
+    ratios, 0.625 here); the peer gets our shapes and always warms up."""
     benchmark = _load_benchmark()
     seconds = iter([1.0, 2.0])  # per call of --steps 4 of --task-num 6: 24 then 12 tasks/s
     monkeypatch.setattr(benchmark, "time_ours", lambda args: ({}, lambda: next(seconds), None))
@@ -200,18 +203,19 @@ def test_ratio_is_of_medians_and_peer_gets_our_shapes(tmp_path, monkeypatch, cap
         f"calls = {str(calls)!r}\n"
         "with open(calls, 'a') as f:\n"
         "    f.write(json.dumps(sys.argv[1:]) + '\\n')\n"
-        "rate = [24.0, 12.0][len(open(calls).readlines()) - 1]\n"
+        "rate = [24.0, 48.0][len(open(calls).readlines()) - 1]\n"
         "print('peer log line')\n"
         "print(json.dumps({'tasks_per_s': rate}))\n"
     )
     argv = ["--task-num", "6", "--n-way", "3", "--k-spt", "2", "--k-qry", "4", "--steps", "4"]
     argv += ["--inner-steps", "2", "--inner-lr", "0.3", "--rounds", "2", "--peer-steps", "3"]
+    argv += ["--warmup", "0"]  # ours; the peer's first (cuDNN autotuning) step is never timed
     _stub_torch(tmp_path, monkeypatch)
     benchmark.main([*argv, "--compare-peer", sys.executable, "--peer-script", str(peer)])
     out = json.loads(capsys.readouterr().out)
     assert out["tasks_per_s"] == pytest.approx(18.0)  # the median of 24 and 12
-    assert out["peer_tasks_per_s"] == pytest.approx(18.0)
-    assert out["speedup_vs_peer"] == pytest.approx(1.0)
+    assert out["peer_tasks_per_s"] == pytest.approx(36.0)  # the median of 24 and 48
+    assert out["speedup_vs_peer"] == pytest.approx(0.5)  # above 1: ours is faster
     assert out["s_per_step"] == pytest.approx(1.5 / 4)
     runs = [json.loads(line) for line in calls.read_text().splitlines()]
     assert len(runs) == 2
@@ -220,3 +224,46 @@ def test_ratio_is_of_medians_and_peer_gets_our_shapes(tmp_path, monkeypatch, cap
         "--device": "cpu", "--n-way": "3", "--k-spt": "2", "--k-qry": "4", "--task-num": "6",
         "--inner-steps": "2", "--inner-lr": "0.3", "--steps": "3", "--warmup": "1",
     }  # fmt: skip
+
+
+def test_time_ours_times_one_call_of_steps_after_compile_and_warmup(monkeypatch):
+    """A fake clock and an asynchronous fake chunk: compiling costs 100 s, the warmup
+    call 10 s and each timed call 1 s a step, paid when its result is waited for."""
+    benchmark = _load_benchmark()
+    clock, pending, calls = [0.0], [0.0], []
+
+    def wait(x):  # jax.block_until_ready: the dispatched work finishes now
+        clock[0] += pending[0]
+        pending[0] = 0.0
+        return x
+
+    class Chunk:
+        def lower(self, state, steps):
+            def compile():
+                clock[0] += 100.0
+                return "compiled"
+
+            return types.SimpleNamespace(compile=compile)
+
+        def __call__(self, state, steps):
+            calls.append(steps)
+            pending[0] += 10.0 if len(calls) == 1 else 1.0 * steps
+            return state + 1, {"loss": np.full(steps, 0.5 if state < 2 else np.nan)}
+
+    fake_train = types.SimpleNamespace(
+        root_keys=lambda seed: (None, None),
+        make_train_chunk=lambda exp, key: Chunk(),
+        init_state=lambda exp: 0,
+    )
+    monkeypatch.setattr(benchmark, "build", lambda args: None)
+    monkeypatch.setattr(benchmark, "train", fake_train)
+    monkeypatch.setattr(benchmark, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(benchmark.analysis, "compiled_memory", lambda c: {"temp": 3 * 2**20})
+    monkeypatch.setattr(benchmark.jax, "block_until_ready", wait)
+    args = benchmark.parse_args(["--steps", "3", "--warmup", "1"])
+    result, timed, _ = benchmark.time_ours(args)
+    assert result["compile_s"] == 100.0 and result["temp_mib"] == 3.0
+    assert calls == [3]  # the warmup, waited for before any timing
+    assert timed() == 3.0 and calls == [3, 3]
+    with pytest.raises(FloatingPointError, match="meta-loss became nan"):
+        timed()  # the state advances from call to call: the third sees a NaN loss

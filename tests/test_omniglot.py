@@ -71,6 +71,16 @@ def test_preprocess_matches_pil_lanczos():
         ref = np.asarray(ink.resize((28, 28), Image.LANCZOS))
         ref = np.clip(np.rint(ref * 255), 0, 255)
         np.testing.assert_allclose(out, ref, atol=1)
+        assert np.mean(out != ref) < 0.01  # rounded, not truncated: off by one at most rarely
+
+
+def test_preprocess_thresholds_each_image_and_reads_the_first_channel():
+    raw = np.ones((2, 105, 105, 3), np.uint8)
+    raw[:, 30:75, 40:60, 0] = 0  # ink in the first channel only
+    raw[1] *= 255  # one image decoded to {0, 1}, the other to {0, 255}: the same drawing
+    out = omniglot.preprocess_images(raw)
+    np.testing.assert_array_equal(out[0], out[1])
+    assert out[0, 14, 13] > 200 and out[0, 0, 0] == 0
 
 
 # --------------------------------------------------------------------------------------
@@ -240,6 +250,18 @@ def test_no_cache_and_no_tfds_names_both_places(tmp_path, monkeypatch):
     assert str(omniglot.cache_path(tmp_path / "cache")) in message
 
 
+def test_grouping_keeps_each_characters_drawings_in_source_order():
+    # TFDS need not list the images by character: the rows follow the labels, the
+    # drawings of a character keep their source order, the alphabets go with them.
+    labels = np.random.default_rng(0).permutation(np.repeat(np.arange(1623), 20))
+    images = np.arange(labels.size).reshape(-1, 1, 1)  # each image its source index
+    alphabets = labels % 50
+    out = omniglot._group_by_character(images, labels, alphabets, "dir")
+    for c in (0, 700, 1622):
+        assert out["images"][c, :, 0, 0].tolist() == np.flatnonzero(labels == c).tolist()
+    np.testing.assert_array_equal(out["alphabet_ids"], np.arange(1623) % 50)
+
+
 def test_images_shapes_and_pixel_convention(data):
     images = data["images"]
     assert images.shape == (1623, 20, 28, 28) and images.dtype == np.uint8
@@ -284,6 +306,16 @@ def test_background_split_ids():
     other = omniglot.split_character_ids(protocol="background", split_seed=1)
     assert not np.array_equal(ids["validation"], other["validation"])
     assert ids["validation"].min() < 800 and other["validation"].min() < 800
+    for num_validation in (1, 963):  # the bounds: neither split left empty
+        ids = omniglot.split_character_ids(
+            protocol="background", num_validation_classes=num_validation
+        )
+        assert [len(ids["train"]), len(ids["validation"])] == [964 - num_validation, num_validation]
+    for num_validation in (0, 964):
+        with pytest.raises(ValueError, match="num_validation_classes must be in 1..963"):
+            omniglot.split_character_ids(
+                protocol="background", num_validation_classes=num_validation
+            )
 
 
 def test_unknown_protocol():
@@ -389,6 +421,10 @@ def test_rotations_and_drawings_are_drawn_per_class():
     np.testing.assert_allclose(shares, 0.25, atol=0.02)
     assert np.mean(np.all(rotations == rotations[:, :1], axis=1)) < 0.02  # 1/256 expected
     assert np.mean(np.all(drawings == drawings[:, :1], axis=1)) < 0.01
+    # Labels: a random permutation per task, not the classes' order (1/120 of tasks).
+    labels = np.asarray(idx["labels"])
+    assert np.mean(np.all(labels == np.arange(5), axis=1)) < 0.03
+    np.testing.assert_allclose(np.bincount(labels[:, 0], minlength=5) / len(labels), 0.2, atol=0.03)
 
 
 def test_rotation_known_positions():

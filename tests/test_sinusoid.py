@@ -45,3 +45,9 @@ def test_loss_and_metric_are_mse():
     predictions, targets = jnp.array([1.0, 3.0]), jnp.array([0.0, 1.0])
     assert float(Sinusoid.loss(predictions, targets)) == 2.5
     assert float(Sinusoid.metrics(predictions, targets)["mse"]) == 2.5
+
+
+def test_the_dtype_is_of_every_float(x64):
+    # Float64 runs check meta-gradients against finite differences: inputs too.
+    ep = Sinusoid(dtype=jnp.float64).sample(jax.random.key(0), 2)
+    assert {x.dtype for x in jax.tree.leaves(ep)} == {jnp.dtype(jnp.float64)}

@@ -766,8 +766,13 @@ def test_nonfinite_metrics_are_logged_as_null_and_plotted_as_gaps(tmp_path):
     ]
     written = [json.dumps(train.finite_or_null(r), allow_nan=False) for r in records]
     assert json.loads(written[1])["val_mse"] is None and json.loads(written[2])["loss"] is None
-    plots.training_curves([json.loads(line) for line in written], tmp_path / "t.png")
+    fig = plots.training_curves([json.loads(line) for line in written], tmp_path / "t.png")
     assert (tmp_path / "t.png").stat().st_size > 0
+    lines = {ax.get_title(): ax.get_lines()[0] for ax in fig.axes}
+    assert np.isnan(lines["loss"].get_ydata()[2]) and np.isnan(lines["val_mse"].get_ydata()[1])
+    assert fig.axes[0].get_yscale() == "log"  # the loss
+    # A run whose every validation diverged: no best to star, still a plot.
+    plots.training_curves([{"step": 1, "val_mse": None}], tmp_path / "t.png")
 
 
 def test_figure_3_marks_diverged_steps_from_memory_or_eval_json(tmp_path):
@@ -919,8 +924,22 @@ def test_figure_2_adapts_1_then_10_steps_in_all(tmp_path, monkeypatch):
         return adapt(*args, num_inner_steps=num_inner_steps, **kwargs)
 
     monkeypatch.setattr(plots.core, "adapt", spy)
-    plots.sinusoid_adaptation(exp, exp.init_params, jax.random.key(0), tmp_path / "f.png")
+    key = jax.random.key(0)
+    fig = plots.sinusoid_adaptation(exp, exp.init_params, key, tmp_path / "f.png")
     assert steps == [1, 9]  # the second curve continues from the first
+    # What is drawn: the task's truth, the model before adaptation, and the
+    # support points, which are the ones adapted on.
+    (ax,) = fig.axes
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    episode = exp.task.sample(key, 1)
+    x = lines["ground truth"].get_xdata()
+    truth = exp.task.ground_truth(episode["amplitude"], episode["phase"], x[None, :, None])
+    np.testing.assert_allclose(lines["ground truth"].get_ydata(), truth[0, :, 0], rtol=1e-5)
+    before = exp.apply_fn(exp.init_params, jnp.asarray(x)[:, None])[:, 0]
+    np.testing.assert_allclose(lines["pre-update"].get_ydata(), before, rtol=1e-5)
+    (points,) = ax.collections
+    xs, ys = (np.asarray(a[0, :, 0]) for a in episode["support"])
+    np.testing.assert_allclose(points.get_offsets(), np.stack([xs, ys], axis=1), rtol=1e-6)
 
 
 def test_a_validation_task_that_diverges_makes_the_validation_null(tmp_path, monkeypatch):
