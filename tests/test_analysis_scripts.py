@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-from maml import analysis, core, second_order, train
+from maml import analysis, core, imaml, second_order, train
 from maml.configs import ConfigError, sinusoid
 from maml.configs import omniglot as omniglot_configs
 from maml.models import MLP, functional
@@ -431,3 +431,53 @@ def test_curvature_of_frozen_leaves_is_of_the_adapted_leaves(monkeypatch):
     )
     assert report["num_inner_steps"] == 2
     assert report["meta_loss"]["value"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_sgd_stability_at_the_limit_and_at_zero_curvature():
+    # inner_lr = 2 / lambda_max exactly: the top direction oscillates forever, not stable.
+    at_limit = analysis.sgd_stability(0.2, 10.0)
+    assert at_limit["limit_lr"] == 0.2 and at_limit["ratio"] == 1.0
+    assert not at_limit["stable"]
+    # No curvature (a loss linear in the adapted leaves): no limit, and no division by 0.
+    flat = analysis.sgd_stability(0.1, 0.0)
+    assert flat["limit_lr"] == math.inf and flat["ratio"] == 0.0 and flat["stable"]
+
+
+def test_meta_gradient_fns_pass_their_settings_on(x64):
+    apply_fn, params = functional(MLP((1, 4, 1), rngs=nnx.Rngs(0), param_dtype=jnp.float64))
+    task = Sinusoid(num_support=5, num_query=5, dtype=jnp.float64)
+    episode = task.sample(jax.random.key(1), 2)
+    support, query = episode["support"], episode["query"]
+
+    def loss_fn(p, batch):
+        return task.loss(apply_fn(p, batch[0]), batch[1])
+
+    kwargs = dict(inner_lr=0.03, num_inner_steps=3)
+    fns = analysis.meta_gradient_fns(loss_fn, **kwargs, imaml_lambda=2.0, imaml_cg_steps=3)
+    expected = jax.jit(
+        lambda p: imaml.batched_imaml_loss_and_grad(
+            loss_fn, p, support, query, **kwargs, lam=2.0, num_cg_steps=3
+        )[1]
+    )(params)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15),
+        jax.jit(fns["imaml"])(params, support, query),
+        expected,
+    )
+    # exact_remat gives exact's numbers, so only its computation shows the remat.
+    names = {
+        name: {e.primitive.name for e in jax.make_jaxpr(fns[name])(params, support, query).eqns}
+        for name in ("exact", "exact_remat")
+    }
+    assert "remat2" in names["exact_remat"] and "remat2" not in names["exact"]
+
+
+def test_curvature_takes_num_grid_points():
+    f = lambda p: 0.5 * jnp.sum(jnp.arange(1.0, 5.0) * p**2)  # noqa: E731
+    result = jax.jit(
+        lambda p, key: analysis.curvature(
+            f, p, top_k=1, num_iters=4, num_probes=1, key=key, num_grid_points=37
+        )
+    )(jnp.zeros(4), jax.random.key(0))
+    assert result["grid"].shape == result["density"].shape == (37,)
+    np.testing.assert_allclose(result["eigenvalues"], [4.0], rtol=1e-10)

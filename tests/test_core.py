@@ -234,3 +234,24 @@ def test_adaptation_trajectory_measures_each_step(x64):
     for k in range(4):
         adapted = maml.adapt(loss_fn, params, support, inner_lr=lrs, num_inner_steps=k)
         np.testing.assert_allclose(trajectory[k], measure(adapted), rtol=1e-12, atol=1e-14)
+
+
+def test_adaptation_trajectory_of_zero_steps_is_the_initial_measure(x64):
+    apply_fn, params = mlp()
+    loss_fn = mse_loss(apply_fn)
+    support, query = (regression_data(jax.random.key(s), 6) for s in (3, 4))
+
+    def measure(p):
+        return loss_fn(p, query)
+
+    trajectory = jax.jit(
+        lambda p: maml.core.adaptation_trajectory(
+            loss_fn, measure, p, support, inner_lr=INNER_LR, num_inner_steps=0
+        )
+    )(params)
+    assert trajectory.shape == (1,)
+    np.testing.assert_allclose(trajectory[0], measure(params), rtol=1e-12)
+    with pytest.raises(ValueError, match="num_inner_steps must be >= 0, got -1"):
+        maml.core.adaptation_trajectory(
+            loss_fn, measure, params, support, inner_lr=INNER_LR, num_inner_steps=-1
+        )

@@ -239,3 +239,19 @@ def test_batched_is_the_mean_over_tasks():
     np.testing.assert_allclose(loss, np.mean([s[0] for s in singles]), rtol=1e-12)
     np.testing.assert_allclose(grad, np.mean([s[1] for s in singles], axis=0), rtol=1e-10)
     assert np.ptp(np.stack([s[0] for s in singles])) > 1e-3
+
+
+@pytest.mark.parametrize("num_inner_steps", [1, 2])
+def test_adapt_proximal_takes_exactly_num_inner_steps(num_inner_steps):
+    # phi <- phi - lr (A phi - b + lam (phi - theta)) by hand, far from converged.
+    n, lam, lr = 4, 0.5, 0.1
+    support, _ = quadratic_task(n, seed=4)
+    A, b = support
+    theta = jnp.linspace(-1.0, 1.0, n)
+    phi = theta
+    for _ in range(num_inner_steps):
+        phi = phi - lr * (A @ phi - b + lam * (phi - theta))
+    ours = imaml.adapt_proximal(
+        quadratic_loss, theta, support, inner_lr=lr, num_inner_steps=num_inner_steps, lam=lam
+    )
+    np.testing.assert_allclose(ours, phi, rtol=1e-13, atol=1e-15)

@@ -9,7 +9,7 @@ from flax import nnx
 
 from maml import ops
 from maml.core import batched_meta_loss
-from maml.models import MLP, BatchStatNorm, ConvNet, functional
+from maml.models import FINN_KERNEL_INIT, MLP, BatchStatNorm, ConvNet, functional
 
 
 def _reference_conv(x, kernel, stride):
@@ -200,3 +200,72 @@ def test_mlp_functional_shapes_and_dtype(x64, param_dtype):
         params, jnp.ones((3, 10, 1), param_dtype)
     )
     assert batched.shape == (3, 10, 1)
+
+
+@pytest.mark.parametrize("impl", [i for i in ops.CONV_IMPLS if i != "lax"])
+@pytest.mark.parametrize("kernel_hw,stride", [((2, 5), 1), ((2, 5), 2), ((3, 3), 2)])
+def test_conv_non_square_input_and_kernel_forward_and_gradient(x64, impl, kernel_hw, stride):
+    # Height and width differ in size and in SAME padding (9 -> (1, 1), 14 -> (0, 1) at
+    # stride 2), and so do the kernel's: an axis or a kernel side taken for the other
+    # shows. (3, 3) at stride 2 is the "phases" backward pass's own case.
+    kx, kw, kc = jax.random.split(jax.random.key(7), 3)
+    x = jax.random.normal(kx, (2, 9, 14, 3), jnp.float64)
+    kernel = jax.random.normal(kw, (*kernel_hw, 3, 4), jnp.float64)
+    out_shape = (2, -(-9 // stride), -(-14 // stride), 4)
+    cotangent = jax.random.normal(kc, out_shape, jnp.float64)
+
+    def ours(x, kernel):
+        return jnp.vdot(ops.conv2d(x, kernel, stride=stride, impl=impl), cotangent)
+
+    def reference(x, kernel):
+        return jnp.vdot(_reference_conv(x, kernel, stride), cotangent)
+
+    assert ops.conv2d(x, kernel, stride=stride, impl=impl).shape == out_shape
+    np.testing.assert_allclose(ours(x, kernel), reference(x, kernel), rtol=1e-12)
+    grads = jax.grad(ours, argnums=(0, 1))(x, kernel)
+    expected = jax.grad(reference, argnums=(0, 1))(x, kernel)
+    for g, e in zip(grads, expected, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-12)
+
+
+def test_phases_uses_its_own_backward_pass_for_3x3_stride_2_only():
+    x, kernel = jnp.zeros((1, 8, 8, 2)), jnp.zeros((3, 3, 2, 2))
+
+    def primitives(stride):
+        jaxpr = jax.make_jaxpr(lambda x: ops.conv2d(x, kernel, stride=stride, impl="phases"))(x)
+        return {eqn.primitive.name for eqn in jaxpr.jaxpr.eqns}
+
+    assert any("custom_vjp" in name for name in primitives(2))
+    assert not any("custom_vjp" in name for name in primitives(1))
+
+
+def test_convnet_and_conv_use_the_conv_impl_asked_for():
+    # Every impl gives the same numbers, so only the computation shows which one ran.
+    def primitives(conv_impl):
+        model = ConvNet(3, rngs=nnx.Rngs(0), channels=4, num_blocks=2, conv_impl=conv_impl)
+        apply_fn, params = functional(model)
+        jaxpr = jax.make_jaxpr(apply_fn)(params, jnp.zeros((2, 12, 12, 1)))
+        return [eqn.primitive.name for eqn in jaxpr.jaxpr.eqns]
+
+    assert primitives("lax").count("conv_general_dilated") == 2
+    assert "conv_general_dilated" not in primitives("patches")
+
+
+def test_convnet_in_channels_and_param_dtype_reach_every_leaf(x64):
+    model = ConvNet(
+        3, rngs=nnx.Rngs(0), channels=4, num_blocks=2, in_channels=2, param_dtype=jnp.float64
+    )
+    apply_fn, params = functional(model)
+    assert params["blocks"][0]["conv"]["kernel"].shape == (3, 3, 2, 4)
+    assert all(leaf.dtype == jnp.float64 for leaf in jax.tree.leaves(params))
+    out = jax.eval_shape(apply_fn, params, jax.ShapeDtypeStruct((2, 12, 12, 2), jnp.float64))
+    assert out.shape == (2, 3) and out.dtype == jnp.float64
+
+
+def test_mlp_kernel_init_is_used():
+    # Finn's initialisation: a normal of std 0.01 truncated at two standard deviations.
+    _, params = functional(MLP((1, 40, 40, 1), rngs=nnx.Rngs(0), kernel_init=FINN_KERNEL_INIT))
+    kernel = np.asarray(params["layers"][1]["kernel"])
+    assert np.abs(kernel).max() <= 0.02 + 1e-7
+    assert 0.005 < kernel.std() < 0.01
+    assert all(np.all(layer["bias"] == 0) for layer in params["layers"].values())

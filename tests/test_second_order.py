@@ -336,3 +336,21 @@ def test_conjugate_gradient_spends_no_matvec_on_a_zero_initial_guess():
     jax.block_until_ready(so.conjugate_gradient(matvec, b, num_iters=3, x0=jnp.zeros(4)))
     jax.effects_barrier()
     assert len(calls) == 3 + 4  # A @ x0, then the loop
+
+
+def test_top_eigenpairs_refuses_more_eigenpairs_than_lanczos_steps():
+    # k = 3 from 2 Lanczos steps would return 2 eigenvalues, not the 3 asked for.
+    f = lambda p: jnp.sum(jnp.arange(1.0, 6.0) * p**2)  # noqa: E731
+    with pytest.raises(ValueError, match=r"k must be in \[1, min\(num_iters, n\)\], got 3"):
+        so.top_eigenpairs(f, jnp.zeros(5), 3, num_iters=2, key=jax.random.key(0))
+
+
+def test_conjugate_gradient_tolerance_is_relative_to_the_residual_norm():
+    # tol bounds ||r|| / ||b||, not its square: tol = 1e-6 gives a solve to ~1e-6, not 1e-3.
+    A = spd_matrix(30, 4)
+    b = jnp.sin(jnp.arange(30.0))
+    x = so.conjugate_gradient(lambda v: A @ v, b, num_iters=200, tol=1e-6)
+    residual = np.linalg.norm(b - A @ x) / np.linalg.norm(b)
+    assert residual <= 1e-6
+    # It stops there: far from converged to rounding.
+    assert residual > 1e-14
