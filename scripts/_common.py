@@ -65,8 +65,13 @@ def _parse_flags(argv):
         if "get_config" in str(e):
             fail("cannot load the --config file: it defines no get_config()")
         if where.filename.startswith(_ML_COLLECTIONS):
-            name = str(e).splitlines()[0].strip("\"'")
-            fail(f"unknown config field {name!r}: the config file lists the fields there are.")
+            # str(e) is a repr, escapes and all, with ml_collections' suggestion if any.
+            name = re.match(r"[\\\"']*([\w.]*)", str(e))[1]
+            guess = re.search(r'Did you mean "([\w.]+)"', str(e))
+            hint = f" (did you mean {guess[1]!r}?)" if guess else ""
+            fail(
+                f"unknown config field {name!r}{hint}: the config file lists the fields there are."
+            )
         fail(f"cannot load the --config file: {type(e).__name__}: {one_line(e)}")
     except Exception as e:  # the config file's own code failed (SyntaxError, ...)
         fail(f"cannot load the --config file: {type(e).__name__}: {one_line(e)}")

@@ -43,6 +43,7 @@ from maml.configs import ConfigError, sinusoid, validate
 
 import _common
 
+_CHECKPOINT = _common.define_checkpoint_flag()  # before the adoption, so --help lists it
 flags.adopt_module_key_flags(_common)  # --help lists --config, --workdir, ...
 
 _OUTPUT_DIR = flags.DEFINE_string(
@@ -53,7 +54,6 @@ _NUM_TASKS = flags.DEFINE_integer("num_tasks", None, "Meta-batch size (default: 
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per measurement (median reported).")
 _X64 = flags.DEFINE_bool("x64", None, "Float64 (default: for the MLP only).")
 _FD_EPS = flags.DEFINE_float("fd_eps", 1e-6, "Finite-difference step (taken in float64).")
-_CHECKPOINT = _common.define_checkpoint_flag()
 
 # Relative error of the gradient's directional derivative against the float64
 # central difference: float32 rounding through the inner steps stays near 1e-5.

@@ -274,7 +274,7 @@ def run(*args, cwd=ROOT, env=None):
     )
 
 
-@pytest.mark.parametrize("script", ["train.py", "evaluate.py"])
+@pytest.mark.parametrize("script", ["train.py", "evaluate.py", "meta_gradient.py"])
 def test_help_lists_the_shared_flags(script):
     # absl's --help lists only the main module's flags; --config and --workdir are _common's.
     result = subprocess.run(
@@ -284,7 +284,7 @@ def test_help_lists_the_shared_flags(script):
         timeout=120,
     )
     shared = ["--config", "--workdir", "--cpu_devices"]
-    shared += ["--checkpoint"] if script == "evaluate.py" else []
+    shared += ["--checkpoint"] if script != "train.py" else []
     for flag in shared:
         assert re.search(rf"^  {flag}:", result.stdout, re.M), flag
 
@@ -297,6 +297,7 @@ def test_help_lists_the_shared_flags(script):
         ("--config.algorithm=reptile", "config.algorithm='reptile' is invalid"),
         ("--config.num_steps=abc", "--config.num_steps=abc"),
         ("--config.no_such_field=1", "unknown config field 'no_such_field':"),
+        ("--config.num_step=1", "unknown config field 'num_step' (did you mean 'num_steps'?):"),
         ("tiny", "unexpected argument 'tiny'"),  # absl would drop it and train the default
         ("--cpu_devices=2", "multiple of the 2 devices"),
         ("--cpu_devices=0", "--cpu_devices"),
