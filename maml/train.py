@@ -546,12 +546,16 @@ validation and test."""
 
 
 def config_changes(
-    workdir: Path, config: ml_collections.ConfigDict, fields: Collection[str] | None = None
+    workdir: Path,
+    config: ml_collections.ConfigDict,
+    fields: Collection[str] | None = None,
+    *,
+    saved_as: str = "config.json",
 ) -> list[str]:
     """``"field old -> new"`` for each of ``fields`` (default: every field outside
     ``RESUMABLE_CHANGES``) in which ``config`` differs from the run's ``config.json``
-    (fields it lacks are skipped)."""
-    path = workdir / "config.json"
+    (or ``saved_as``; fields it lacks are skipped)."""
+    path = workdir / saved_as
     if not path.exists():
         return []
     try:
@@ -739,15 +743,27 @@ def _train_and_evaluate(
             kept = workdir / f"config.step{int(state.step)}.json"
             # An existing one trained the steps up to this checkpoint; config.json
             # then trained nothing that was saved (it diverged, say): keep the former.
-            if not kept.exists():
+            if kept.exists():
+                changed = config_changes(workdir, config, saved_as=kept.name)
+            else:
                 (workdir / "config.json").replace(kept)
-            print(f"resuming with {'; '.join(changed)} (was: {kept})", file=sys.stderr)
+            changes = "; ".join(changed) or "the settings that trained it"
+            print(f"resuming with {changes} (was: {kept})", file=sys.stderr)
         if is_main:
             _truncate_metrics(metrics_path, int(state.step))
     elif is_main:  # a fresh start: what an earlier run here left describes no checkpoint
         metrics_path.unlink(missing_ok=True)
         for stale in workdir.glob("config.step*.json"):
             stale.unlink()
+        # The scripts' results are kept (they may be all that is left of it), but named.
+        results = ("eval*.json", "one_shot_runs*.json", "curvature.json", "meta_gradient.json")
+        left = sorted(p.name for pattern in results for p in workdir.glob(pattern))
+        if left:
+            print(
+                f"warning: {workdir} holds {', '.join(left)} of an earlier run whose checkpoints "
+                "are gone: they do not describe this one",
+                file=sys.stderr,
+            )
     if is_main:
         write_text_atomic(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
     start = int(state.step)
@@ -802,7 +818,9 @@ def _train_and_evaluate(
             disable=not is_main,
         )
     )
-    t0 = time.perf_counter()
+    # wall_s counts on from the last logged step's: the run's time in all its sessions.
+    logged_before = _read_metrics(metrics_path) if is_main else []
+    t0 = time.perf_counter() - float(logged_before[-1].get("wall_s") or 0 if logged_before else 0)
 
     def chunk_record(step, metrics) -> dict:
         return {
@@ -815,6 +833,12 @@ def _train_and_evaluate(
         if is_main:
             with _writing(metrics_path), metrics_path.open("a") as f:
                 f.write(json.dumps(finite_or_null(record), allow_nan=False) + "\n")
+
+    def plot_training() -> None:  # however the run ends: finished, interrupted or diverged
+        if is_main:
+            from maml import plots
+
+            plots.training_curves(_read_metrics(metrics_path), workdir / "plots" / "training.png")
 
     # Orbax writes in the background: a failed write surfaces at the next save or wait.
     def saving():
@@ -854,6 +878,7 @@ def _train_and_evaluate(
                     log(record)
                     finish_saves()
                     bar.close()
+                    plot_training()  # the curves up to the divergence
                     saved = manager.latest_step()
                     then = (
                         f"the latest checkpoint is step {saved}. Lower config.outer_lr or "
@@ -932,6 +957,7 @@ def _train_and_evaluate(
                         " run the same command again to resume",
                         file=sys.stderr,
                     )
+                plot_training()
             raise
     finish_saves()
     bar.close()
@@ -946,9 +972,9 @@ def _train_and_evaluate(
             file=sys.stderr,
         )
 
+    plot_training()
     from maml import plots
 
-    plots.training_curves(_read_metrics(metrics_path), workdir / "plots" / "training.png")
     if isinstance(exp.task, Sinusoid):
         plots.sinusoid_adaptation(
             exp,

@@ -136,9 +136,17 @@ def test_ctrl_c_saves_the_last_step_and_resumes_bit_for_bit(tmp_path, monkeypatc
     assert f"interrupted: saved a checkpoint at step {stop}" in capsys.readouterr().err
     saved = sorted(int(p.name) for p in (tmp_path / "resumed" / "checkpoints").iterdir())
     assert saved[-1] == stop
+    assert (tmp_path / "resumed" / "plots" / "training.png").stat().st_size > 0
+    # As if the first session had taken 1000 s: wall_s counts on across the resume.
+    path = tmp_path / "resumed" / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    records[-1]["wall_s"] = 1000.0
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
     monkeypatch.undo()
     resumed = train.train_and_evaluate(tiny(), tmp_path / "resumed")
     jax.tree.map(np.testing.assert_array_equal, resumed.params, full.params)
+    after = [json.loads(line) for line in path.read_text().splitlines()][len(records) :]
+    assert after and all(1000.0 < r["wall_s"] < 1100.0 for r in after)
 
 
 def test_ctrl_c_inside_the_chunk_call_after_donation_loses_nothing(tmp_path, monkeypatch, capsys):
@@ -271,8 +279,11 @@ def test_resume_refuses_other_training_settings_unless_allowed(tmp_path, capsys)
     state = train.train_and_evaluate(tiny(outer_lr=1e-5), tmp_path, allow_config_change=True)
     assert int(state.step) == 200
     assert json.loads((tmp_path / "config.step200.json").read_text())["outer_lr"] == 1e-4
+    capsys.readouterr()
     train.train_and_evaluate(tiny(outer_lr=1e-6), tmp_path, allow_config_change=True)
     assert json.loads((tmp_path / "config.step200.json").read_text())["outer_lr"] == 1e-4
+    # Named against the settings that trained step 200, not config.json's 1e-05.
+    assert "resuming with outer_lr 0.0001 -> 1e-06 (was: " in capsys.readouterr().err
     assert json.loads((tmp_path / "config.json").read_text())["outer_lr"] == 1e-6
 
 
@@ -297,13 +308,21 @@ def test_config_changes_lets_through_how_long_how_often_where_and_evaluation(tmp
         train.config_changes(tmp_path, tiny())
 
 
-def test_a_fresh_start_drops_an_earlier_runs_kept_configs(tmp_path):
+def test_a_fresh_start_drops_an_earlier_runs_kept_configs(tmp_path, capsys):
     # Left by an earlier run here whose checkpoints were deleted: kept, it would be
     # taken for the settings that trained this run's step 50 at its next change.
     tmp_path.mkdir(exist_ok=True)
     (tmp_path / "config.step50.json").write_text('{"outer_lr": 0.001}')
+    # Its results are kept, and named: they describe checkpoints that are gone.
+    for name in ("eval.json", "eval_best.json", "curvature.json"):
+        (tmp_path / name).write_text("{}")
     train.train_and_evaluate(tiny(num_steps=50), tmp_path)
     assert not (tmp_path / "config.step50.json").exists()
+    assert (tmp_path / "eval.json").exists()
+    warning = "holds curvature.json, eval.json, eval_best.json of an earlier run whose"
+    assert warning in capsys.readouterr().err
+    train.train_and_evaluate(tiny(num_steps=100), tmp_path)  # a resume: no warning
+    assert "earlier run" not in capsys.readouterr().err
 
 
 def test_a_second_run_in_the_same_workdir_is_refused(tmp_path):
@@ -537,6 +556,7 @@ def test_divergence_stops_the_run_and_keeps_the_checkpoints_before_it(tmp_path):
     config = tiny(num_steps=20, log_every=1, checkpoint_every=1, outer_lr=10.0)
     with pytest.raises(train.DivergedError) as e:
         train.train_and_evaluate(config, tmp_path)
+    assert (tmp_path / "plots" / "training.png").stat().st_size > 0  # up to the divergence
     bad = int(re.search(r"not finite at step (\d+);", str(e.value)).group(1))
     assert f"the latest checkpoint is step {bad - 1}. Lower config.outer_lr" in str(e.value)
     records = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
