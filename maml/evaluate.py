@@ -101,6 +101,12 @@ def _with_shots(task, shots: int, config):
     return dataclasses.replace(task, num_shots=shots)
 
 
+def _number(x: float) -> str:
+    """Four decimals, or four significant digits for what they would show badly
+    (the MSE of a diverging model, 2.489e+29, or a tiny one, 1.234e-05)."""
+    return f"{x:.4f}" if x == 0 or 1e-3 <= abs(x) < 1e5 else f"{x:.4g}"
+
+
 def format_table(evaluation: dict) -> str:
     """The evaluation as a text table: one row per inner step, one column per K."""
     results = evaluation["results"]
@@ -108,7 +114,7 @@ def format_table(evaluation: dict) -> str:
     header = "steps | " + " | ".join(f"K={k} {evaluation['metric']} (95% CI)" for k in shots)
     lines = [header, "-" * len(header)]
     for i, n in enumerate(next(iter(results.values()))["inner_steps"]):
-        cells = [f"{results[k]['mean'][i]:.4f} +- {results[k]['ci95'][i]:.4f}" for k in shots]
+        cells = [" +- ".join(_number(results[k][f][i]) for f in ("mean", "ci95")) for k in shots]
         lines.append(f"{n:5d} | " + " | ".join(f"{c:>24}" for c in cells))
     for k in shots:
         r = results[k]

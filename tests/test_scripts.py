@@ -130,6 +130,15 @@ def test_omniglot_variants_that_conflict_are_refused(variant, expected):
         omniglot_configs.get_config(variant)
 
 
+def test_sinusoid_variants_combine_and_conflicts_are_refused():
+    config = sinusoid.get_config("k5,fomaml,tiny")
+    assert (config.num_support, config.num_query, config.algorithm) == (5, 5, "fomaml")
+    assert config.num_steps == 200
+    for variant, expected in (("k5,k20", "k5 conflicts with k20"), ("tiny,tiny", "twice")):
+        with pytest.raises(ValueError, match=expected):
+            sinusoid.get_config(variant)
+
+
 @pytest.mark.parametrize(
     "module, variants",
     [

@@ -616,6 +616,10 @@ def test_summary_counts_diverged_tasks_and_keeps_the_median_finite():
     )
     assert f"{s['mean'][0]:.4f} +- {s['ci95'][0]:.4f}" in table
     assert "2 of 3 tasks not finite (diverged) after 2 steps, first after 1" in table
+    # Means too large or too small for four decimals keep four significant digits.
+    s = {"inner_steps": [0, 1], "mean": [2.4886e29, 1.234e-5], "ci95": [4.8e29, 2e-6]}
+    table = evaluate.format_table({"metric": "mse", "num_tasks": 3, "results": {"5": s}})
+    assert "2.489e+29 +- 4.8e+29" in table and "1.234e-05 +- 2e-06" in table
 
 
 def test_evaluate_without_checkpoint_fails_clearly(tmp_path):

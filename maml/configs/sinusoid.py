@@ -3,7 +3,7 @@
 Variants (``--config=maml/configs/sinusoid.py:VARIANT``): ``k5`` trains at
 K = 5, ``k20`` at K = 20, ``pretrain`` is Finn's multi-task baseline (no inner
 loop at training time), ``fomaml`` first-order MAML, ``tiny`` a seconds-long
-run for tests.
+run for tests; join them with commas (``k5,fomaml``).
 """
 
 import ml_collections
@@ -43,26 +43,30 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.eval_num_query = 100
     c.eval_batch_size = 600
 
-    if variant in (None, ""):
-        pass
-    elif variant in ("k5", "k20"):
-        c.num_support = c.num_query = int(variant[1:])
-    elif variant == "pretrain":
-        c.algorithm = "pretrain"
-    elif variant == "fomaml":
-        c.algorithm = "fomaml"
-    elif variant == "tiny":
-        c.num_steps = 200
-        c.meta_batch_size = 4
-        c.log_every = 50
-        c.checkpoint_every = 100
-        c.num_eval_tasks = 20
-        c.eval_shots = (5,)
-        c.eval_inner_steps = 2
-        c.eval_num_query = 10
-    else:
-        raise ValueError(
-            f"unknown sinusoid config variant {variant!r}: the variants are "
-            "k5, k20, pretrain, fomaml and tiny"
-        )
+    parts = [part for part in (variant or "").split(",") if part]
+    for group in (("k5", "k20"), ("pretrain", "fomaml")):
+        given = [part for part in parts if part in group]
+        if len(given) > 1:
+            raise ValueError(f"config variant {variant!r}: {given[0]} conflicts with {given[1]}")
+    if len(set(parts)) < len(parts):
+        raise ValueError(f"config variant {variant!r} names a part twice")
+    for part in parts:
+        if part in ("k5", "k20"):
+            c.num_support = c.num_query = int(part[1:])
+        elif part in ("pretrain", "fomaml"):
+            c.algorithm = part
+        elif part == "tiny":
+            c.num_steps = 200
+            c.meta_batch_size = 4
+            c.log_every = 50
+            c.checkpoint_every = 100
+            c.num_eval_tasks = 20
+            c.eval_shots = (5,)
+            c.eval_inner_steps = 2
+            c.eval_num_query = 10
+        else:
+            raise ValueError(
+                f"unknown sinusoid config variant {part!r}: join with commas any of k5 or k20, "
+                "pretrain or fomaml, tiny"
+            )
     return c
