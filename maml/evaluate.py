@@ -7,7 +7,6 @@ or ``eval_best.json`` and ``plots/eval_best.png`` for the best-validation checkp
 """
 
 import dataclasses
-import json
 from pathlib import Path
 
 import jax
@@ -15,13 +14,12 @@ import ml_collections
 
 from maml import plots
 from maml.train import (
-    finite_or_null,
     make_adaptation_curve,
     restore_params,
     root_keys,
     summarize,
     warn_of_config_changes,
-    write_text_atomic,
+    write_json,
 )
 
 
@@ -87,8 +85,7 @@ def write_evaluation(evaluation: dict, workdir: str | Path) -> None:
     workdir = Path(workdir)
     checkpoint = evaluation["checkpoint"]
     name = "eval" if checkpoint == "latest" else f"eval_{checkpoint}"
-    text = json.dumps(finite_or_null(evaluation), indent=2, allow_nan=False)
-    write_text_atomic(workdir / f"{name}.json", text + "\n")
+    write_json(workdir / f"{name}.json", evaluation)
     (workdir / "plots").mkdir(exist_ok=True)
     plots.adaptation_curves(evaluation, workdir / "plots" / f"{name}.png")
 

@@ -497,6 +497,12 @@ def write_text_atomic(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def write_json(path: Path, tree: Any) -> None:
+    """Writes ``tree`` as strict JSON (a value that is not finite as null, so that
+    parsers such as jq read it), indented, through ``write_text_atomic``."""
+    write_text_atomic(path, json.dumps(finite_or_null(tree), indent=2, allow_nan=False) + "\n")
+
+
 def _read_metrics(path: Path) -> list[dict]:
     if not path.exists():
         return []

@@ -24,7 +24,6 @@ Writes ``curvature.json`` and ``curvature.png`` to ``--output_dir`` (default
 line and exit status 2.
 """
 
-import json
 import time
 from pathlib import Path
 
@@ -277,8 +276,7 @@ def main(argv):
         "wall_s": time.perf_counter() - t0,
     }
     output_dir.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(train.finite_or_null(report), indent=2, allow_nan=False)
-    train.write_text_atomic(output_dir / "curvature.json", text + "\n")
+    train.write_json(output_dir / "curvature.json", report)
     plot(report, output_dir / "curvature.png")
     print_summary(report)
     print(f"wrote {output_dir / 'curvature.json'} and {output_dir / 'curvature.png'}")

@@ -13,7 +13,6 @@ so a fair comparison needs a model meta-trained on the background alphabets
 only (split_protocol "background").
 """
 
-import json
 import sys
 import zipfile
 from pathlib import Path
@@ -91,12 +90,10 @@ def main(argv):
         **result,
     }
     name = "one_shot_runs" if CHECKPOINT.value == "latest" else f"one_shot_runs_{CHECKPOINT.value}"
-    # One run has no CI (NaN); strict JSON has no NaN.
-    text = json.dumps(train.finite_or_null(result), indent=2, allow_nan=False)
     # Printed first: a write that fails (a full disk) then loses no result.
     print(one_shot_runs.format_table(result, report_step=config.eval_report_step), flush=True)
     with _common.user_errors():
-        train.write_text_atomic(workdir / f"{name}.json", text + "\n")
+        train.write_json(workdir / f"{name}.json", result)  # one run's CI, NaN, is null
 
 
 if __name__ == "__main__":

@@ -282,8 +282,7 @@ def main(argv):
         "results": results,
     }
     output_dir.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(train.finite_or_null(report), indent=2, allow_nan=False)
-    train.write_text_atomic(output_dir / "meta_gradient.json", text + "\n")
+    train.write_json(output_dir / "meta_gradient.json", report)
     plot(report, output_dir / "meta_gradient.png")
     print_table(report)
     print(f"wrote {output_dir / 'meta_gradient.json'} and {output_dir / 'meta_gradient.png'}")
