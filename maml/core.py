@@ -33,7 +33,14 @@ def per_leaf_rates(inner_lr: float | jax.Array | PyTree, params: PyTree) -> PyTr
     return jax.tree.map(lambda _: inner_lr, params)
 
 
-def sgd_step(loss_fn: LossFn, params: PyTree, batch: Batch, *, inner_lr, first_order=False):
+def sgd_step(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: Batch,
+    *,
+    inner_lr: float | jax.Array | PyTree,
+    first_order: bool = False,
+) -> PyTree:
     """One plain SGD step ``params - inner_lr * grad(loss_fn)(params, batch)``.
 
     ``inner_lr`` is a scalar, or a pytree shaped like ``params`` giving each
@@ -55,7 +62,7 @@ def adapt(
     params: PyTree,
     support: Batch,
     *,
-    inner_lr: float | jax.Array,
+    inner_lr: float | jax.Array | PyTree,
     num_inner_steps: int,
     first_order: bool = False,
     remat: bool = False,
@@ -135,7 +142,7 @@ def meta_loss(
     support: Batch,
     query: Batch,
     *,
-    inner_lr: float | jax.Array,
+    inner_lr: float | jax.Array | PyTree,
     num_inner_steps: int,
     first_order: bool = False,
     remat: bool = False,

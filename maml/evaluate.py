@@ -40,8 +40,8 @@ def evaluate(
     seed = config.get("eval_seed")
     seed = config.seed if seed is None else seed
     _, eval_key = root_keys(seed)
-    # Steps of the eval stream are negative-free: fold in a tag far from any
-    # validation step used during training.
+    # Validation during training draws its tasks from fold_in(eval_key, step): the
+    # test tasks take a tag no step reaches (2**31 - 1 is the Figure 2 plot's).
     eval_key = jax.random.fold_in(eval_key, 2**31 - 2)
     steps = list(range(config.eval_inner_steps + 1))
     # Batch b of the tasks is drawn from fold_in(key, b): the batch size is part of
