@@ -825,8 +825,9 @@ def _train_and_evaluate(
         )
     )
     # wall_s counts on from the last logged step's: the run's time in all its sessions.
-    logged_before = _read_metrics(metrics_path) if is_main else []
-    t0 = time.perf_counter() - float(logged_before[-1].get("wall_s") or 0 if logged_before else 0)
+    walls = [r.get("wall_s") for r in _read_metrics(metrics_path)] if is_main else []
+    walls = [w for w in walls if isinstance(w, int | float) and math.isfinite(w)]
+    t0 = time.perf_counter() - (walls[-1] if walls else 0.0)
 
     def chunk_record(step, metrics) -> dict:
         return {
@@ -840,11 +841,20 @@ def _train_and_evaluate(
             with _writing(metrics_path), metrics_path.open("a") as f:
                 f.write(json.dumps(finite_or_null(record), allow_nan=False) + "\n")
 
-    def plot_training() -> None:  # however the run ends: finished, interrupted or diverged
-        if is_main:
-            from maml import plots
+    def plot_training(*, failing: bool = False) -> None:
+        """However the run ends: finished, or ``failing`` (interrupted or diverged),
+        where a plot that cannot be written must not hide why the run stopped."""
+        if not is_main:
+            return
+        from maml import plots
 
+        try:
             plots.training_curves(_read_metrics(metrics_path), workdir / "plots" / "training.png")
+        except Exception as e:
+            if not failing:
+                raise
+            reason = f"{type(e).__name__}: {e}".splitlines()[0]
+            print(f"warning: cannot write the training plot ({reason})", file=sys.stderr)
 
     # Orbax writes in the background: a failed write surfaces at the next save or wait.
     def saving():
@@ -884,7 +894,7 @@ def _train_and_evaluate(
                     log(record)
                     finish_saves()
                     bar.close()
-                    plot_training()  # the curves up to the divergence
+                    plot_training(failing=True)  # the curves up to the divergence
                     saved = manager.latest_step()
                     then = (
                         f"the latest checkpoint is step {saved}. Lower config.outer_lr or "
@@ -963,7 +973,7 @@ def _train_and_evaluate(
                         " run the same command again to resume",
                         file=sys.stderr,
                     )
-                plot_training()
+                plot_training(failing=True)
             raise
     finish_saves()
     bar.close()

@@ -65,12 +65,16 @@ def _parse_flags(argv):
         if "get_config" in str(e):
             fail("cannot load the --config file: it defines no get_config()")
         if where.filename.startswith(_ML_COLLECTIONS):
-            # str(e) is a repr, escapes and all, with ml_collections' suggestion if any.
-            name = re.match(r"[\\\"']*([\w.]*)", str(e))[1]
+            # str(e) is the field's repr, escapes and all, with ml_collections' suggestion
+            # if any, or (a field under a number, num_steps.x) names the path looked up.
+            name = re.search(r"Attempting to lookup: ([\w.]+)", str(e)) or re.match(
+                r"[\\\"']+([\w.]+)", str(e)
+            )
             guess = re.search(r'Did you mean "([\w.]+)"', str(e))
             hint = f" (did you mean {guess[1]!r}?)" if guess else ""
             fail(
-                f"unknown config field {name!r}{hint}: the config file lists the fields there are."
+                f"unknown config field {name[1] if name else one_line(e)!r}{hint}: the config "
+                "file lists the fields there are."
             )
         fail(f"cannot load the --config file: {type(e).__name__}: {one_line(e)}")
     except Exception as e:  # the config file's own code failed (SyntaxError, ...)

@@ -472,7 +472,7 @@ def test_meta_gradient_fns_pass_their_settings_on(x64):
     assert "remat2" in names["exact_remat"] and "remat2" not in names["exact"]
 
 
-def test_curvature_takes_num_grid_points():
+def test_curvature_takes_num_grid_points(x64):
     f = lambda p: 0.5 * jnp.sum(jnp.arange(1.0, 5.0) * p**2)  # noqa: E731
     result = jax.jit(
         lambda p, key: analysis.curvature(

@@ -134,7 +134,11 @@ def test_sinusoid_variants_combine_and_conflicts_are_refused():
     config = sinusoid.get_config("k5,fomaml,tiny")
     assert (config.num_support, config.num_query, config.algorithm) == (5, 5, "fomaml")
     assert config.num_steps == 200
-    for variant, expected in (("k5,k20", "k5 conflicts with k20"), ("tiny,tiny", "twice")):
+    for variant, expected in (
+        ("k5,k20", "k5 conflicts with k20"),
+        ("k5,k5", "names a part twice"),
+        ("k5,,tiny", "unknown sinusoid config variant ''"),
+    ):
         with pytest.raises(ValueError, match=expected):
             sinusoid.get_config(variant)
 
@@ -307,6 +311,7 @@ def test_help_lists_the_shared_flags(script):
         ("--config.num_steps=abc", "--config.num_steps=abc"),
         ("--config.no_such_field=1", "unknown config field 'no_such_field':"),
         ("--config.num_step=1", "unknown config field 'num_step' (did you mean 'num_steps'?):"),
+        ("--config.num_steps.x=1", "unknown config field 'num_steps.x':"),
         ("tiny", "unexpected argument 'tiny'"),  # absl would drop it and train the default
         ("--cpu_devices=2", "multiple of the 2 devices"),
         ("--cpu_devices=0", "--cpu_devices"),

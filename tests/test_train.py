@@ -137,10 +137,11 @@ def test_ctrl_c_saves_the_last_step_and_resumes_bit_for_bit(tmp_path, monkeypatc
     saved = sorted(int(p.name) for p in (tmp_path / "resumed" / "checkpoints").iterdir())
     assert saved[-1] == stop
     assert (tmp_path / "resumed" / "plots" / "training.png").stat().st_size > 0
-    # As if the first session had taken 1000 s: wall_s counts on across the resume.
+    # As if the first session had taken 1000 s: wall_s counts on across the resume,
+    # from the last value that is a number (not a hand-edited one).
     path = tmp_path / "resumed" / "metrics.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines()]
-    records[-1]["wall_s"] = 1000.0
+    records[-2]["wall_s"], records[-1]["wall_s"] = 1000.0, "1.5s"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     monkeypatch.undo()
     resumed = train.train_and_evaluate(tiny(), tmp_path / "resumed")
@@ -566,6 +567,14 @@ def test_divergence_stops_the_run_and_keeps_the_checkpoints_before_it(tmp_path):
     _, params, step = train.restore_params(config, tmp_path)
     assert step == bad - 1
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
+
+
+def test_a_training_plot_that_cannot_be_written_hides_no_divergence(tmp_path, capsys):
+    (tmp_path / "plots" / "training.png").mkdir(parents=True)  # not writable as a file
+    config = tiny(num_steps=20, log_every=1, checkpoint_every=1, outer_lr=10.0)
+    with pytest.raises(train.DivergedError, match="meta-training diverged"):
+        train.train_and_evaluate(config, tmp_path)
+    assert "warning: cannot write the training plot (IsADirectoryError" in capsys.readouterr().err
 
 
 def test_divergence_names_the_step_within_its_chunk(tmp_path, monkeypatch):

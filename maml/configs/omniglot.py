@@ -65,12 +65,12 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.eval_batch_size = 100
 
     parts = (variant or "5way1shot").split(",")
+    if len(set(parts)) < len(parts):
+        raise ValueError(f"config variant {variant!r} names a part twice")
     for group in (SHAPES, ("fomaml", "imaml")):
         given = [part for part in parts if part in group]
         if len(given) > 1:
             raise ValueError(f"config variant {variant!r}: {given[0]} conflicts with {given[1]}")
-    if len(set(parts)) < len(parts):
-        raise ValueError(f"config variant {variant!r} names a part twice")
     # tiny last: its eval_report_step must stay within its eval_inner_steps.
     for part in sorted(parts, key=lambda part: part == "tiny"):
         if part in SHAPES:

@@ -43,13 +43,13 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.eval_num_query = 100
     c.eval_batch_size = 600
 
-    parts = [part for part in (variant or "").split(",") if part]
+    parts = variant.split(",") if variant else []
+    if len(set(parts)) < len(parts):
+        raise ValueError(f"config variant {variant!r} names a part twice")
     for group in (("k5", "k20"), ("pretrain", "fomaml")):
         given = [part for part in parts if part in group]
         if len(given) > 1:
             raise ValueError(f"config variant {variant!r}: {given[0]} conflicts with {given[1]}")
-    if len(set(parts)) < len(parts):
-        raise ValueError(f"config variant {variant!r} names a part twice")
     for part in parts:
         if part in ("k5", "k20"):
             c.num_support = c.num_query = int(part[1:])
