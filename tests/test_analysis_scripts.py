@@ -87,7 +87,41 @@ def outputs(workdir, tmp_path_factory):
     return out, results
 
 
-def test_meta_gradient_json_and_checks(outputs):
+def _reference_meta_gradients(workdir, num_tasks, num_inner_steps):
+    """What meta_gradient.py reports for the tiny run's checkpoint, computed here in
+    float64 on the first training batch: the meta-loss, and each method's meta-gradient's
+    norm and cosines with the others'."""
+    config = sinusoid.get_config("tiny")
+    exp, params, _ = train.restore_params(config, workdir)
+    train_key, _ = train.root_keys(config.seed)
+    episode = exp.task.sample(jax.random.fold_in(train_key, 0), num_tasks)
+    with jax.enable_x64(True):
+        params, episode = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), (params, episode))
+        apply_fn, _ = train.build_model(config, config.seed, jnp.float64)
+
+        def loss_fn(p, batch):
+            return exp.task.loss(apply_fn(p, batch[0]), batch[1])
+
+        support, query = episode["support"], episode["query"]
+        kwargs = dict(inner_lr=config.inner_lr, num_inner_steps=num_inner_steps)
+        fns = analysis.meta_gradient_fns(
+            loss_fn,
+            **kwargs,
+            imaml_lambda=config.imaml_lambda,
+            imaml_cg_steps=config.imaml_cg_steps,
+        )
+        grads = {name: jax.jit(fn)(params, support, query) for name, fn in fns.items()}
+        meta_loss = core.batched_meta_loss(loss_fn, params, support, query, **kwargs)
+        norms = {name: float(analysis.tree_norm(g)) for name, g in grads.items()}
+        cosine = {
+            f"{a}/{b}": float(analysis.cosine_similarity(grads[a], grads[b]))
+            for a in grads
+            for b in grads
+        }
+        return float(meta_loss), norms, cosine
+
+
+def test_meta_gradient_json_and_checks(outputs, workdir):
     out, stdout = outputs
     report = json.loads((out / "meta_gradient.json").read_text())
     assert (out / "meta_gradient.png").stat().st_size > 0
@@ -99,6 +133,24 @@ def test_meta_gradient_json_and_checks(outputs):
     assert "meta_batch_size 4 -> 3" in stdout["meta_gradient_stderr"]
     assert report["dtype"] == "float64"
     assert [r["num_inner_steps"] for r in report["results"]] == [2]
+    assert report["inner_steps"] == [2] and report["num_tasks"] == 2  # not meta_batch_size's 3
+    assert report["num_params"] == 1761 and report["repeats"] == 1
+    # Each number is of its own method, steps and tasks: recomputed here.
+    (r,) = report["results"]
+    meta_loss, norms, cosine = _reference_meta_gradients(workdir, num_tasks=2, num_inner_steps=2)
+    assert r["meta_loss"] == pytest.approx(meta_loss, rel=1e-9)
+    for name in analysis.METHODS:
+        assert r["methods"][name]["norm"] == pytest.approx(norms[name], rel=1e-9), name
+    assert set(r["cosine"]) == {
+        "exact/first_order",
+        "exact/imaml",
+        "first_order/imaml",
+        "exact/exact_remat",
+    }
+    for pair, cos in r["cosine"].items():
+        assert cos == pytest.approx(cosine[pair], abs=1e-9), pair
+    fd = r["finite_difference"]
+    assert fd["tolerance"] == 1e-6 and fd["passed"] is True
     for r in report["results"]:
         assert set(r["methods"]) == set(analysis.METHODS)
         for m in r["methods"].values():
@@ -169,6 +221,9 @@ def test_analysis_without_checkpoint_exits_2(tmp_path, script, which, expected):
         ("--fd_eps=0", "--fd_eps=0.0 must be a positive number"),
         ("--fd_eps=inf", "--fd_eps=inf must be a positive number"),
         ("--cpu_devices=2", "--cpu_devices: meta_gradient.py computes on one device"),
+        ("--inner_steps=", "--inner_steps= must be non-negative integers"),
+        ("--inner_steps=2,-1", "--inner_steps=2,-1 must be non-negative integers"),
+        ("--checkpoint=best", "--checkpoint=best needs the --workdir of a training run"),
     ],
 )
 def test_meta_gradient_rejects_bad_flags(tmp_path, flag, expected):
@@ -226,14 +281,24 @@ def test_meta_gradient_checks_float32_against_a_float64_reference(tmp_path):
     (result,) = report["results"]
     check = result["finite_difference"]
     assert check["passed"] and check["relative_error"] < 1e-5, check
+    assert check["tolerance"] == 1e-3  # a float32 gradient's, against the float64 reference
 
 
 def test_meta_gradient_takes_the_largest_seed(tmp_path):
-    # Its probe key is seed + 1, which must stay a 64-bit signed seed.
-    args = "--inner_steps=1", "--num_tasks=1", "--repeats=1", f"--config.seed={2**32 - 1}"
-    code, _, stderr = finish(start("meta_gradient.py", f"--output_dir={tmp_path}", *args))
+    # Its probe key is seed + 1, which must stay a 64-bit signed seed. The same run
+    # checks two more things: 0 inner steps is allowed (the pre-adaptation loss's
+    # gradient), and a difference step too small for float64 to move the params by
+    # (p + 1e-300 v == p: a difference of 0) fails the check, not reads as passed.
+    args = "--inner_steps=0", "--num_tasks=1", "--repeats=1", f"--config.seed={2**32 - 1}"
+    args += ("--fd_eps=1e-300",)
+    code, stdout, stderr = finish(start("meta_gradient.py", f"--output_dir={tmp_path}", *args))
     assert code == 0, stderr
-    assert (tmp_path / "meta_gradient.json").exists()
+    report = json.loads((tmp_path / "meta_gradient.json").read_text())
+    (result,) = report["results"]
+    assert result["num_inner_steps"] == 0
+    check = result["finite_difference"]
+    assert check["finite_difference"] == 0 and check["relative_error"] == 1, check
+    assert check["passed"] is False and "FAILED" in stdout
 
 
 # --- maml.analysis -----------------------------------------------------------------

@@ -56,6 +56,17 @@ CONFIG = str(ROOT / "maml" / "configs" / "sinusoid.py")
         ("eval_shots", (5, 5), "distinct positive integers"),  # evaluated twice, shown once
         ("num_steps", np.int64(100), "(a Python int or float, not numpy's int64)"),
         ("inner_lr", np.float64(-1.0), "finite positive number."),  # the sign, not the type
+        # Every count a run divides by or draws that many of, Omniglot's included.
+        ("num_query", 0, "positive integer"),
+        ("eval_num_query", 0, "positive integer"),
+        ("eval_batch_size", 0, "positive integer"),
+        ("num_shots", 0, "positive integer"),
+        ("num_validation_classes", 0, "positive integer"),
+        ("num_steps", True, "positive integer"),  # a bool is an int to Python
+        ("inner_lr", True, "finite positive number"),
+        ("hidden_sizes", 40, "tuple of positive integers"),  # not a TypeError
+        ("eval_shots", (5, 0), "distinct positive integers"),
+        ("split_protocol", "lake", "one of finn, background"),
     ],
 )
 def test_validate_names_field_value_and_what_is_allowed(field, value, allowed):
@@ -76,6 +87,14 @@ def test_validate_names_field_value_and_what_is_allowed(field, value, allowed):
         (
             {"split_protocol": "background", "num_validation_classes": 1200},
             "config.num_validation_classes=1200 is invalid: it must be at most 963",
+        ),
+        (  # all 964 held out: none left to train on
+            {"split_protocol": "background", "num_validation_classes": 964},
+            "config.num_validation_classes=964 is invalid: it must be at most 963",
+        ),
+        (
+            {"eval_report_step": 11},
+            "config.eval_report_step=11 is invalid: it must be at most config.eval_inner_steps=10",
         ),
     ],
 )
@@ -107,7 +126,8 @@ def test_validate_refuses_another_familys_task(config, task, model):
 
 
 @pytest.mark.parametrize(
-    "module, field", [(sinusoid, "num_query"), (omniglot_configs, "split_protocol")]
+    "module, field",
+    [(sinusoid, "num_query"), (sinusoid, "model"), (omniglot_configs, "split_protocol")],
 )
 def test_validate_refuses_a_config_missing_a_field(module, field):
     # As a config file that deletes a field may build it: a traceback once the run reads it.
@@ -138,6 +158,7 @@ def test_sinusoid_variants_combine_and_conflicts_are_refused():
         ("k5,k20", "k5 conflicts with k20"),
         ("k5,k5", "names a part twice"),
         ("k5,,tiny", "unknown sinusoid config variant ''"),
+        ("pretrain,fomaml", "pretrain conflicts with fomaml"),
     ):
         with pytest.raises(ValueError, match=expected):
             sinusoid.get_config(variant)
@@ -183,6 +204,18 @@ def test_validate_refuses_a_rate_no_float_holds():
         ("5way1shot", {"num_shots": 20}, "config.num_shots + config.num_query = 21"),
         ("5way1shot", {"split_seed": -1}, "config.split_seed=-1 is invalid"),
         ("5way1shot", {"conv_impl": "fft"}, "one of patches, phases"),
+        # The bounds themselves are allowed.
+        ("5way1shot", {"num_ways": 100}, None),  # the 100 validation characters
+        ("5way1shot", {"num_shots": 10, "num_query": 10}, None),  # all 20 drawings
+        ("5way5shot", {"eval_shots": (15,)}, None),
+        ("5way1shot", {"eval_report_step": 10}, None),  # eval_inner_steps
+        # background: 964 - 900 = 64 characters to train on, fewer than the other splits'.
+        ("5way1shot,background", {"num_validation_classes": 900, "num_ways": 64}, None),
+        (
+            "5way1shot,background",
+            {"num_validation_classes": 900, "num_ways": 65},
+            "at most 64, the classes of the train split",
+        ),
     ],
 )
 def test_validate_omniglot_episodes_the_splits_cannot_supply(variant, overrides, expected):
@@ -213,6 +246,28 @@ def test_saving_and_validation_must_fall_on_log_every(field):
 @pytest.mark.parametrize(
     "module, variant, expected",
     [
+        # Finn et al.'s sinusoid settings, and the evaluation the README reports.
+        (
+            sinusoid,
+            None,
+            {
+                "hidden_sizes": (40, 40),
+                "num_steps": 70_000,
+                "meta_batch_size": 25,
+                "num_support": 10,
+                "num_query": 10,
+                "inner_lr": 0.01,
+                "num_inner_steps": 1,
+                "outer_lr": 1e-3,
+                "algorithm": "maml",
+                "imaml_lambda": 1.0,
+                "num_eval_tasks": 600,
+                "eval_shots": (5, 10, 20),
+                "eval_inner_steps": 10,
+                "eval_inner_lr": 0.01,
+                "eval_num_query": 100,
+            },
+        ),
         (sinusoid, "k5", {"num_support": 5, "num_query": 5, "algorithm": "maml"}),
         (sinusoid, "k20", {"num_support": 20, "num_query": 20}),
         (sinusoid, "fomaml", {"algorithm": "fomaml", "inner_lr": 0.01, "num_inner_steps": 1}),
@@ -233,6 +288,14 @@ def test_saving_and_validation_must_fall_on_log_every(field):
                 "num_steps": 60_000,
                 "algorithm": "maml",
                 "split_protocol": "finn",
+                "split_seed": 1,
+                "rotate": "per_class",
+                "adapt_norm": True,
+                "imaml_lambda": 2.0,
+                "eval_shots": (1,),
+                "eval_inner_steps": 10,
+                "eval_inner_lr": 0.4,
+                "num_eval_tasks": 600,
             },
         ),
         (
@@ -260,6 +323,11 @@ def test_variants_carry_their_settings(module, variant, expected):
     config = module.get_config(variant)
     validate(config)
     assert {field: config[field] for field in expected} == expected
+
+
+def test_omniglots_default_variant_is_5way1shot():
+    default = omniglot_configs.get_config().to_dict()
+    assert default == omniglot_configs.get_config("5way1shot").to_dict()
 
 
 @pytest.fixture(scope="module")
