@@ -14,6 +14,22 @@ class ConfigError(ValueError):
     """A config value a run cannot use; the message is one sentence for the user."""
 
 
+def variant_parts(variant: str, exclusive: tuple[tuple[str, ...], ...]) -> list[str]:
+    """The comma-joined parts of a config variant (``"k5,fomaml"``), in order.
+
+    Raises:
+      ValueError: a part named twice, or two parts of one ``exclusive`` group.
+    """
+    parts = variant.split(",") if variant else []
+    if len(set(parts)) < len(parts):
+        raise ValueError(f"config variant {variant!r} names a part twice")
+    for group in exclusive:
+        given = [part for part in parts if part in group]
+        if len(given) > 1:
+            raise ValueError(f"config variant {variant!r}: {given[0]} conflicts with {given[1]}")
+    return parts
+
+
 def _check(config, name, ok, allowed):
     if name not in config:
         return

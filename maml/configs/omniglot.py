@@ -17,6 +17,8 @@ in the inner loop (``adapt_norm``; Finn's code kept them out of it).
 
 import ml_collections
 
+from maml.configs import variant_parts
+
 SHAPES = ("5way1shot", "5way5shot", "20way1shot", "20way5shot")
 
 
@@ -64,13 +66,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.eval_inner_lr = 0.4
     c.eval_batch_size = 100
 
-    parts = (variant or "5way1shot").split(",")
-    if len(set(parts)) < len(parts):
-        raise ValueError(f"config variant {variant!r} names a part twice")
-    for group in (SHAPES, ("fomaml", "imaml")):
-        given = [part for part in parts if part in group]
-        if len(given) > 1:
-            raise ValueError(f"config variant {variant!r}: {given[0]} conflicts with {given[1]}")
+    parts = variant_parts(variant or "5way1shot", (SHAPES, ("fomaml", "imaml")))
     # tiny last: its eval_report_step must stay within its eval_inner_steps.
     for part in sorted(parts, key=lambda part: part == "tiny"):
         if part in SHAPES:

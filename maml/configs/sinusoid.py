@@ -8,6 +8,8 @@ run for tests; join them with commas (``k5,fomaml``).
 
 import ml_collections
 
+from maml.configs import variant_parts
+
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -43,14 +45,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.eval_num_query = 100
     c.eval_batch_size = 600
 
-    parts = variant.split(",") if variant else []
-    if len(set(parts)) < len(parts):
-        raise ValueError(f"config variant {variant!r} names a part twice")
-    for group in (("k5", "k20"), ("pretrain", "fomaml")):
-        given = [part for part in parts if part in group]
-        if len(given) > 1:
-            raise ValueError(f"config variant {variant!r}: {given[0]} conflicts with {given[1]}")
-    for part in parts:
+    for part in variant_parts(variant, (("k5", "k20"), ("pretrain", "fomaml"))):
         if part in ("k5", "k20"):
             c.num_support = c.num_query = int(part[1:])
         elif part in ("pretrain", "fomaml"):
