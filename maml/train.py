@@ -742,6 +742,15 @@ def _train_and_evaluate(
             "to resume with these."
         )
     restored = restore_latest(manager, state)
+    if restored is not None and int(restored.step) >= config.num_steps:
+        # config.json keeps the settings that trained the run to its step.
+        if is_main:
+            print(
+                f"{workdir} is at step {int(restored.step)}, not below config.num_steps="
+                f"{config.num_steps}: nothing to train (raise --config.num_steps to train on)",
+                file=sys.stderr,
+            )
+        return restored
     metrics_path = workdir / "metrics.jsonl"
     if restored is not None:
         state = restored
@@ -773,13 +782,6 @@ def _train_and_evaluate(
     if is_main:
         write_text_atomic(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
     start = int(state.step)
-    if start >= config.num_steps and is_main:
-        print(
-            f"{workdir} is at step {start}, not below config.num_steps={config.num_steps}: "
-            "nothing to train (raise --config.num_steps to train on)",
-            file=sys.stderr,
-        )
-
     if is_main and config.get("eval_every", 0) > config.num_steps:
         print(
             f"warning: config.eval_every={config.eval_every} > config.num_steps="

@@ -275,17 +275,22 @@ def test_resume_refuses_other_training_settings_unless_allowed(tmp_path, capsys)
     assert "resuming with outer_lr 0.001 -> 0.0001" in capsys.readouterr().err
     assert json.loads((tmp_path / "config.step150.json").read_text())["outer_lr"] == 1e-3
     assert json.loads((tmp_path / "config.json").read_text())["outer_lr"] == 1e-4
-    # A second change at the same step (the first trained nothing that was saved:
-    # here num_steps stayed 200) keeps the settings that trained the first 150 steps.
-    state = train.train_and_evaluate(tiny(outer_lr=1e-5), tmp_path, allow_config_change=True)
-    assert int(state.step) == 200
+    # Nothing to train: a change is not taken up, config.json stays the run's.
+    train.train_and_evaluate(tiny(outer_lr=1e-5), tmp_path, allow_config_change=True)
+    assert json.loads((tmp_path / "config.json").read_text())["outer_lr"] == 1e-4
+    assert not (tmp_path / "config.step200.json").exists()
+    # A second change at the same step (the first trained nothing that was saved: it
+    # diverged) keeps the settings that trained the steps up to 200.
+    diverges = tiny(num_steps=300, log_every=100, checkpoint_every=100, outer_lr=10.0)
+    with pytest.raises(train.DivergedError, match="the latest checkpoint is step 200"):
+        train.train_and_evaluate(diverges, tmp_path, allow_config_change=True)
     assert json.loads((tmp_path / "config.step200.json").read_text())["outer_lr"] == 1e-4
     capsys.readouterr()
-    train.train_and_evaluate(tiny(outer_lr=1e-6), tmp_path, allow_config_change=True)
+    train.train_and_evaluate(tiny(num_steps=250), tmp_path, allow_config_change=True)
     assert json.loads((tmp_path / "config.step200.json").read_text())["outer_lr"] == 1e-4
-    # Named against the settings that trained step 200, not config.json's 1e-05.
-    assert "resuming with outer_lr 0.0001 -> 1e-06 (was: " in capsys.readouterr().err
-    assert json.loads((tmp_path / "config.json").read_text())["outer_lr"] == 1e-6
+    # Named against the settings that trained step 200, not config.json's 10.0.
+    assert "resuming with outer_lr 0.0001 -> 0.001 (was: " in capsys.readouterr().err
+    assert json.loads((tmp_path / "config.json").read_text())["outer_lr"] == 1e-3
 
 
 def test_config_changes_lets_through_how_long_how_often_where_and_evaluation(tmp_path):
@@ -385,7 +390,11 @@ def test_nothing_to_train_says_so(tmp_path, capsys):
     state = train.train_and_evaluate(tiny(num_steps=50, checkpoint_every=50), tmp_path)
     assert int(state.step) == 100
     message = "is at step 100, not below config.num_steps=50: nothing to train"
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err
+    # Nothing else: no progress bar, and config.json keeps the settings that trained it.
+    assert "sharded over" not in err and "step/s" not in err and "100/50" not in err
+    assert json.loads((tmp_path / "config.json").read_text())["num_steps"] == 100
     train.train_and_evaluate(tiny(num_steps=100, checkpoint_every=50), tmp_path)  # the end
     err = capsys.readouterr().err
     assert "not below config.num_steps=100: nothing to train" in err
