@@ -21,14 +21,20 @@ ALGORITHM_TITLES = {
 
 def training_curves(records: list[dict], path: Path) -> Figure | None:
     """One panel per logged metric against the meta-step (a null value, not finite
-    when logged, is a gap)."""
+    when logged, is a gap); metrics logged with the same values (a regression's loss
+    and mse) share one, titled ``"loss = mse"``."""
     # Periodic metrics (validation) appear in some records only.
     keys = list(dict.fromkeys(k for r in records for k in r if k not in ("step", "wall_s")))
     if not keys:
         return None
-    fig = Figure(figsize=(4 * len(keys), 3.2))
-    axes = fig.subplots(1, len(keys), squeeze=False)
-    for ax, key in zip(axes[0], keys, strict=True):
+    series = {k: [(r["step"], r[k]) for r in records if k in r] for k in keys}
+    same: dict[str, list[str]] = {}  # the first key of a series -> all keys logging it
+    for key in keys:
+        first = next((k for k in same if series[k] == series[key]), key)
+        same.setdefault(first, []).append(key)
+    fig = Figure(figsize=(4 * len(same), 3.2))
+    axes = fig.subplots(1, len(same), squeeze=False)
+    for ax, (key, names) in zip(axes[0], same.items(), strict=True):
         logged = [r for r in records if key in r]
         ax.plot(
             [r["step"] for r in logged],
@@ -42,7 +48,7 @@ def training_curves(records: list[dict], path: Path) -> Figure | None:
             ax.plot(best["step"], best[key], "*", color="tab:red", ms=10, label="best")
             ax.legend(loc="best", fontsize="small")
         ax.set_xlabel("meta-step")
-        ax.set_title(key)
+        ax.set_title(" = ".join(names))
         if key in ("loss", "mse", "grad_norm"):
             ax.set_yscale("log")
     fig.tight_layout()

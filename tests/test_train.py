@@ -817,6 +817,24 @@ def test_nonfinite_metrics_are_logged_as_null_and_plotted_as_gaps(tmp_path):
     plots.training_curves([{"step": 1, "val_mse": None}], tmp_path / "t.png")
 
 
+def test_metrics_logged_with_the_same_values_share_a_panel(tmp_path):
+    # A regression's loss is its mse: one panel, not two identical ones.
+    records = [
+        {"step": 1, "loss": 1.0, "mse": 1.0, "grad_norm": 1.0, "val_mse": 2.0},
+        {"step": 2, "loss": 0.5, "mse": 0.5, "grad_norm": 0.7},
+        {"step": 3, "loss": None, "mse": None, "grad_norm": 0.5, "val_mse": 1.0},
+    ]
+    fig = plots.training_curves(records, tmp_path / "t.png")
+    assert [ax.get_title() for ax in fig.axes] == ["loss = mse", "grad_norm", "val_mse"]
+    # Equal in one record only, or logged at other steps: their own panels.
+    records[1]["mse"] = 0.6
+    fig = plots.training_curves(records, tmp_path / "t.png")
+    assert [ax.get_title() for ax in fig.axes] == ["loss", "mse", "grad_norm", "val_mse"]
+    records = [{"step": 1, "loss": 1.0, "val_loss": 1.0}, {"step": 2, "loss": 0.5}]
+    fig = plots.training_curves(records, tmp_path / "t.png")
+    assert [ax.get_title() for ax in fig.axes] == ["loss", "val_loss"]
+
+
 def test_figure_3_marks_diverged_steps_from_memory_or_eval_json(tmp_path):
     inf = float("inf")
     results = {
