@@ -27,9 +27,21 @@ LossFn = Callable[[PyTree, Batch], jax.Array]
 
 def per_leaf_rates(inner_lr: float | jax.Array | PyTree, params: PyTree) -> PyTree:
     """``inner_lr`` as a pytree shaped like ``params``: per-leaf rates as given, a
-    scalar repeated for every leaf."""
-    if jax.tree.structure(inner_lr) == jax.tree.structure(params):
+    scalar repeated for every leaf.
+
+    Raises:
+      ValueError: ``inner_lr`` is a pytree of another structure than ``params``.
+    """
+    structure = jax.tree.structure(inner_lr)
+    if structure == jax.tree.structure(params):
         return inner_lr
+    # Repeated per leaf, a mismatched pytree (a missing leaf, a misspelt key) would
+    # reach ``p - lr * g`` whole: "unsupported operand type(s) for *: 'dict'".
+    if not jax.tree_util.treedef_is_leaf(structure):
+        raise ValueError(
+            "inner_lr must be a scalar or a pytree shaped like params (one rate per leaf), "
+            f"got {structure} for params {jax.tree.structure(params)}"
+        )
     return jax.tree.map(lambda _: inner_lr, params)
 
 

@@ -156,6 +156,14 @@ def test_per_leaf_inner_lr_freezes_leaves(x64):
     assert not np.allclose(adapted["layers"][1]["kernel"], params["layers"][1]["kernel"])
 
 
+@pytest.mark.parametrize("rates", [{"layers": {0: 0.1}}, [0.1, 0.2]])
+def test_per_leaf_inner_lr_of_another_structure_is_refused(rates):
+    apply_fn, params = mlp(jnp.float32, sizes=(1, 4, 1))
+    support = (jnp.ones((3, 1)), jnp.ones((3, 1)))
+    with pytest.raises(ValueError, match="inner_lr must be a scalar or a pytree shaped like"):
+        maml.adapt(mse_loss(apply_fn), params, support, inner_lr=rates, num_inner_steps=1)
+
+
 def test_remat_gives_the_same_meta_gradient(x64):
     apply_fn, params = mlp()
     loss_fn = mse_loss(apply_fn)

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from maml.tasks.sinusoid import Sinusoid
 
@@ -51,3 +52,10 @@ def test_the_dtype_is_of_every_float(x64):
     # Float64 runs check meta-gradients against finite differences: inputs too.
     ep = Sinusoid(dtype=jnp.float64).sample(jax.random.key(0), 2)
     assert {x.dtype for x in jax.tree.leaves(ep)} == {jnp.dtype(jnp.float64)}
+
+
+@pytest.mark.parametrize("num_support, num_query", [(-1, 10), (0, 5), (5, -2)])
+def test_counts_below_one_are_refused(num_support, num_query):
+    # (-1, 10) sampled 8 support and 1 query points without a word.
+    with pytest.raises(ValueError, match="num_support and num_query must be >= 1"):
+        Sinusoid(num_support=num_support, num_query=num_query)

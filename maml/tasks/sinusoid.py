@@ -31,6 +31,14 @@ class Sinusoid:
 
     metric = "mse"
 
+    def __post_init__(self):
+        # A negative count slices the wrong points into support and query, silently.
+        if self.num_support < 1 or self.num_query < 1:
+            raise ValueError(
+                "num_support and num_query must be >= 1, "
+                f"got {self.num_support} and {self.num_query}"
+            )
+
     def sample(self, key: jax.Array, num_tasks: int) -> dict:
         """Samples a meta-batch of tasks.
 
