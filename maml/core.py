@@ -10,8 +10,8 @@ The JAX tutorial's meta-gradient
 
     grad(lambda p, d: loss_fn(p - lr * grad(loss_fn)(p, d), d))
 
-is ``jax.grad(meta_loss)`` with one array, one inner step, and the same batch
-for support and query.
+is ``jax.grad(meta_loss, argnums=1)`` with one array, one inner step, and the same
+batch for support and query.
 """
 
 from collections.abc import Callable

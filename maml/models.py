@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import DTypeLike
 
 from maml import ops
 
@@ -57,7 +58,7 @@ class MLP(nnx.Module):
         sizes: Sequence[int],
         *,
         rngs: nnx.Rngs,
-        param_dtype=jnp.float32,
+        param_dtype: DTypeLike = jnp.float32,
         kernel_init: nnx.Initializer = LECUN_NORMAL,
     ):
         self.layers = nnx.List(
@@ -95,7 +96,7 @@ class Conv(nnx.Module):
         rngs: nnx.Rngs,
         kernel_size: int = 3,
         stride: int = 1,
-        param_dtype=jnp.float32,
+        param_dtype: DTypeLike = jnp.float32,
         conv_impl: ops.ConvImpl = "patches",
     ):
         if conv_impl not in ops.CONV_IMPLS:
@@ -129,7 +130,9 @@ class BatchStatNorm(nnx.Module):
     bound by memory traffic over the large first-layer activations.
     """
 
-    def __init__(self, num_features: int, *, epsilon: float = 1e-5, param_dtype=jnp.float32):
+    def __init__(
+        self, num_features: int, *, epsilon: float = 1e-5, param_dtype: DTypeLike = jnp.float32
+    ):
         self.scale = nnx.Param(jnp.ones((num_features,), param_dtype))
         self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
         self.epsilon = epsilon
@@ -156,7 +159,7 @@ class ConvBlock(nnx.Module):
         *,
         rngs: nnx.Rngs,
         stride: int = 2,
-        param_dtype=jnp.float32,
+        param_dtype: DTypeLike = jnp.float32,
         conv_impl: ops.ConvImpl = "patches",
     ):
         self.conv = Conv(
@@ -198,7 +201,7 @@ class ConvNet(nnx.Module):
         channels: int = 64,
         num_blocks: int = 4,
         in_channels: int = 1,
-        param_dtype=jnp.float32,
+        param_dtype: DTypeLike = jnp.float32,
         conv_impl: ops.ConvImpl = "patches",
     ):
         widths = [in_channels] + [channels] * num_blocks

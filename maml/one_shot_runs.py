@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from maml import core
+from maml.models import ApplyFn
 from maml.tasks import omniglot
-from maml.train import summarize
+from maml.train import Experiment, summarize
 
 PyTree = Any
 
@@ -55,7 +56,7 @@ def stack_runs(runs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 def run_errors(
     loss_fn: core.LossFn,
-    apply_fn,
+    apply_fn: ApplyFn,
     params: PyTree,
     support: tuple[jax.Array, jax.Array],
     query: tuple[jax.Array, jax.Array],
@@ -91,7 +92,7 @@ def run_errors(
 
 
 def evaluate_runs(
-    exp,
+    exp: Experiment,
     params: PyTree,
     runs: list[dict[str, np.ndarray]],
     *,

@@ -3,6 +3,7 @@ Figure 3 (metric against inner steps)."""
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,9 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from maml import core
+
+if TYPE_CHECKING:  # maml.train imports this module
+    from maml.train import Experiment
 
 ALGORITHM_TITLES = {
     "maml": "MAML",
@@ -56,7 +60,9 @@ def training_curves(records: list[dict], path: Path) -> Figure | None:
     return fig
 
 
-def sinusoid_adaptation(exp, params, key, path: Path, *, steps=(1, 10)) -> Figure:
+def sinusoid_adaptation(
+    exp: "Experiment", params: Any, key: jax.Array, path: Path, *, steps: tuple[int, ...] = (1, 10)
+) -> Figure:
     """Finn et al.'s Figure 2: ground truth, the K support points, and the
     prediction before adaptation and after 1 and 10 inner steps, on one task."""
     task = exp.task

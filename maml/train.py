@@ -34,6 +34,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
+from jax.typing import DTypeLike
 from tqdm import tqdm
 
 from maml import analysis, core
@@ -64,7 +65,7 @@ class Experiment:
     optimizer: optax.GradientTransformation
     mesh: jax.sharding.Mesh
 
-    def loss_fn(self, params: PyTree, batch) -> jax.Array:
+    def loss_fn(self, params: PyTree, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
         """``loss_fn(params, (x, y)) -> scalar``, the loss MAML adapts with."""
         x, y = batch
         return self.task.loss(self.apply_fn(params, x), y)
@@ -90,7 +91,7 @@ def _is_norm_param(path) -> bool:
 
 
 def build_model(
-    config: ml_collections.ConfigDict, seed: int, param_dtype=jnp.float32
+    config: ml_collections.ConfigDict, seed: int, param_dtype: DTypeLike = jnp.float32
 ) -> tuple[Callable, PyTree]:
     """Builds ``config.model`` and returns it as ``(apply_fn, params)``, computing in
     ``param_dtype``."""
@@ -112,7 +113,7 @@ def build_model(
     return functional(model)
 
 
-def build_task(config: ml_collections.ConfigDict, split: str):
+def build_task(config: ml_collections.ConfigDict, split: str) -> Any:
     """The task family of ``config.task`` for ``split`` ("train", "validation", "test")."""
     if config.task == "sinusoid":
         return Sinusoid(num_support=config.num_support, num_query=config.num_query)
@@ -173,7 +174,12 @@ def root_keys(seed: int) -> tuple[jax.Array, jax.Array]:
 
 
 def task_loss_and_metrics(
-    exp: Experiment, params: PyTree, support, query, *, num_inner_steps: int
+    exp: Experiment,
+    params: PyTree,
+    support: tuple[jax.Array, jax.Array],
+    query: tuple[jax.Array, jax.Array],
+    *,
+    num_inner_steps: int,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """One task: adapt on ``support``, then the query loss and metrics.
 
@@ -255,7 +261,9 @@ def train_step(
     return state.replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
 
 
-def make_train_chunk(exp: Experiment, train_key: jax.Array):
+def make_train_chunk(
+    exp: Experiment, train_key: jax.Array
+) -> Callable[[TrainState, int], tuple[TrainState, dict[str, jax.Array]]]:
     """``train_chunk(state, num_steps) -> (state, metrics)``: jitted, donating ``state``.
 
     ``metrics`` leaves have a leading axis of length ``num_steps``.
@@ -276,7 +284,7 @@ def make_train_chunk(exp: Experiment, train_key: jax.Array):
 
 def make_adaptation_curve(
     exp: Experiment,
-    task,
+    task: Any,
     *,
     inner_lr: float,
     num_inner_steps: int,
@@ -473,7 +481,7 @@ def _shape_mismatch(step_dir: Path, abstract: PyTree) -> str | None:
 # --- The training loop -------------------------------------------------------------
 
 
-def finite_or_null(tree):
+def finite_or_null(tree: Any) -> Any:
     """JSON has no inf or NaN: a value that is not finite is written as null, so that
     strict parsers (jq, JavaScript) read the file."""
     if isinstance(tree, dict):
@@ -687,7 +695,8 @@ def train_and_evaluate(
 
     A resumed run must keep the settings in the run's ``config.json`` except
     ``RESUMABLE_CHANGES`` (else ``ConfigError``), unless ``allow_config_change``:
-    then the old ``config.json`` is kept as ``config.step{N}.json``.
+    then the old ``config.json`` is kept as ``config.step{N}.json``. A change of
+    ``SPLIT_FIELDS`` is a ``ConfigError`` even then.
     """
     # The checkpoint managers' background threads end with the run, however it ends,
     # and so does the workdir's lock.

@@ -23,6 +23,18 @@ SHAPES = ("5way1shot", "5way5shot", "20way1shot", "20way5shot")
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
+    """The Omniglot config: Finn et al.'s 5-way 1-shot settings, overridden by ``variant``.
+
+    Args:
+      variant: comma-joined parts from the module docstring
+        (``"20way1shot,background"``); ``None`` or ``""`` is ``"5way1shot"``.
+
+    Returns:
+      An unlocked ``ml_collections.ConfigDict``.
+
+    Raises:
+      ValueError: an unknown part, a part named twice, or two conflicting parts.
+    """
     c = ml_collections.ConfigDict()
     c.task = "omniglot"
     c.model = "convnet"

@@ -12,6 +12,18 @@ from maml.configs import variant_parts
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
+    """The sinusoid config: Finn et al.'s defaults, overridden by ``variant``.
+
+    Args:
+      variant: comma-joined parts from the module docstring (``"k5,fomaml"``), or
+        ``None`` / ``""`` for the defaults.
+
+    Returns:
+      An unlocked ``ml_collections.ConfigDict``.
+
+    Raises:
+      ValueError: an unknown part, a part named twice, or two conflicting parts.
+    """
     c = ml_collections.ConfigDict()
     c.task = "sinusoid"
     c.model = "mlp"

@@ -96,8 +96,8 @@ def preprocess_images(images: np.ndarray) -> np.ndarray:
     """Binarises and downsamples raw Omniglot images.
 
     Args:
-      images: ``(B, H, W)`` or ``(B, H, W, C)`` integer or bool images with a
-        light background and dark ink, in {0, 1} or {0, 255} (any max works:
+      images: ``(B, H, H)`` or ``(B, H, H, C)`` square integer or bool images
+        with a light background and dark ink, in {0, 1} or {0, 255} (any max works:
         ink = pixel < max / 2 per image). With channels, the first is used.
 
     Returns:
