@@ -79,6 +79,11 @@ def _parse_flags(argv):
         fail(f"cannot load the --config file: {type(e).__name__}: {one_line(e)}")
     except Exception as e:  # the config file's own code failed (SyntaxError, ...)
         fail(f"cannot load the --config file: {type(e).__name__}: {one_line(e)}")
+    # The shell expands ~ in "--workdir ~/runs" but not in "--workdir=~/runs", which
+    # would write to a folder named ~ in the current directory.
+    for name in ("workdir", "output_dir"):
+        if name in flags.FLAGS and flags.FLAGS[name].value:
+            flags.FLAGS[name].value = os.path.expanduser(flags.FLAGS[name].value)
     if len(argv) > 1:  # absl would drop it: "--config=PATH VARIANT" would train the default
         fail(
             f"unexpected argument {argv[1]!r}: the scripts take only flags "
@@ -193,8 +198,13 @@ def checked_type(config) -> None:
 
 def check_directory(path: Path, what: str, *, writable: bool = True) -> None:
     """Fails unless ``path`` is a directory or can be made one: not a file, nor under
-    one; if ``writable``, nor on a read-only file system or in a directory we cannot write."""
+    one, nor a link to nothing (a purged scratch folder); if ``writable``, nor on a
+    read-only file system or in a directory we cannot write."""
     for p in (path, *path.parents):
+        if p.is_symlink() and not p.exists():  # mkdir would say only "File exists"
+            fail(
+                f"{what}={path} cannot be made: {p} links to {os.readlink(p)}, which does not exist"
+            )
         if p.exists():
             if p == path and not p.is_dir():
                 fail(f"{what}={path} is a file, not a directory")

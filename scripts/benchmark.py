@@ -108,6 +108,7 @@ def parse_args(argv=None):
             last = (check.stderr.strip().splitlines() or ["no output"])[-1]
             p.error(f"--compare-peer={args.compare_peer} cannot import torch and numpy: {last}")
     if args.profile:
+        args.profile = os.path.expanduser(args.profile)  # the shell leaves the ~ of --profile=~/x
         try:  # here, not after the timings
             Path(args.profile).mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -152,7 +153,13 @@ def build(args):
         try:
             return train.build_experiment(config, "train")
         except DatasetNotFoundError as e:
-            print(f"error: {str(e).replace('--config.data_dir', '--data-dir')}", file=sys.stderr)
+            message = str(e).replace("--config.data_dir", "--data-dir")
+            # No flag here downloads it.
+            message = message.replace(
+                ", or set --config.download=True to download it (preparing needs TensorFlow once)",
+                "",
+            )
+            print(f"error: {message}", file=sys.stderr)
             sys.exit(2)
     rng = np.random.default_rng(args.seed)
     images = jnp.asarray(rng.integers(0, 256, (1100, 20, 28, 28), dtype=np.uint8))

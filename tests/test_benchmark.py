@@ -149,6 +149,27 @@ def _load_benchmark():
     return benchmark
 
 
+def test_a_tilde_in_profile_is_the_home_directory(tmp_path, monkeypatch):
+    # The shell leaves the ~ of "--profile=~/trace" as it is: the trace went to ./~/trace.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    args = _load_benchmark().parse_args(["--profile=~/trace"])
+    assert args.profile == str(tmp_path / "trace") and (tmp_path / "trace").is_dir()
+
+
+def test_a_wrong_data_dir_names_only_the_benchmarks_flags(tmp_path, monkeypatch, capsys):
+    # It told the user to set --config.download=True, a flag the benchmark has not.
+    monkeypatch.setenv("MAML_CACHE_DIR", str(tmp_path / "cache"))  # no cache: the data is read
+    benchmark = _load_benchmark()
+    with pytest.raises(SystemExit) as info:
+        benchmark.build(benchmark.parse_args(["--data-dir", str(tmp_path)]))
+    error = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and error.startswith("error: Omniglot")
+    assert "--data-dir or TFDS_DATA_DIR" in error and "--config." not in error
+
+
 def test_first_order_flag_is_fomaml():
     benchmark = _load_benchmark()
     args = benchmark.parse_args(["--first-order"])

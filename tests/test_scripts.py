@@ -692,3 +692,37 @@ def test_common_errors_are_one_line_and_orbax_write_noise_is_dropped(tmp_path, m
     assert not _common._drop_failed_write_logs(record("/x/orbax/y.py", "No space left on device"))
     assert _common._drop_failed_write_logs(record("/x/orbax/y.py", "something else"))
     assert _common._drop_failed_write_logs(record("/x/maml/y.py", "No space left on device"))
+
+
+def test_a_tilde_after_the_equals_sign_is_the_home_directory(tmp_path, monkeypatch):
+    # The shell leaves the ~ of "--workdir=~/runs/a" as it is: the run went to ./~/runs/a.
+    from absl import flags
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import _common
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(_common, "fail", pytest.fail)
+    try:
+        _common._parse_flags(["train.py", f"--config={CONFIG}:tiny", "--workdir=~/runs/a"])
+        assert flags.FLAGS.workdir == str(tmp_path / "runs" / "a")
+    finally:
+        flags.FLAGS.unparse_flags()
+
+
+def test_a_workdir_under_a_link_to_nothing_is_refused(tmp_path, monkeypatch):
+    # runs/ linked to a scratch folder since purged: mkdir said only "File exists: 'runs'".
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import _common
+
+    class Failed(Exception):
+        pass
+
+    def fail(message):
+        raise Failed(message)
+
+    monkeypatch.setattr(_common, "fail", fail)
+    (tmp_path / "runs").symlink_to(tmp_path / "scratch")
+    expected = f"{tmp_path / 'runs'} links to {tmp_path / 'scratch'}, which does not exist"
+    with pytest.raises(Failed, match=re.escape(expected)):
+        _common.check_directory(tmp_path / "runs" / "a", "--workdir")
