@@ -292,8 +292,13 @@ def test_untrained_convnet_on_the_runs(cache_dir, runs):
     # then classify its 20 test images as one batch.
     run = runs[0]
     support = (jnp.asarray(run["support"]), jnp.asarray(run["support_labels"]))
-    adapted = core.adapt(exp.loss_fn, exp.init_params, support, inner_lr=0.1, num_inner_steps=1)
-    predictions = np.argmax(exp.apply_fn(adapted, jnp.asarray(run["query"])), -1)
+
+    @jax.jit  # one compile instead of seconds of op-by-op dispatch of the conv net's gradient
+    def predict(params, support, query):
+        adapted = core.adapt(exp.loss_fn, params, support, inner_lr=0.1, num_inner_steps=1)
+        return jnp.argmax(exp.apply_fn(adapted, query), -1)
+
+    predictions = np.asarray(predict(exp.init_params, support, jnp.asarray(run["query"])))
     expected = float(np.mean(predictions != np.asarray(run["query_labels"])))
     assert result["runs"][run["name"]][1] == pytest.approx(expected, abs=1e-6)
 
