@@ -37,7 +37,8 @@ def per_leaf_rates(inner_lr: float | jax.Array | PyTree, params: PyTree) -> PyTr
         return inner_lr
     # Repeated per leaf, a mismatched pytree (a missing leaf, a misspelt key) would
     # reach ``p - lr * g`` whole: "unsupported operand type(s) for *: 'dict'".
-    if not jax.tree_util.treedef_is_leaf(structure):
+    # (An empty container, {} or [], is a node of no leaves: refused too, not a rate.)
+    if not jax.tree_util.treedef_is_leaf(structure) or structure.num_leaves != 1:
         raise ValueError(
             "inner_lr must be a scalar or a pytree shaped like params (one rate per leaf), "
             f"got {structure} for params {jax.tree.structure(params)}"

@@ -34,7 +34,10 @@ def training_curves(records: list[dict], path: Path) -> Figure | None:
     series = {k: [(r["step"], r[k]) for r in records if k in r] for k in keys}
     same: dict[str, list[str]] = {}  # the first key of a series -> all keys logging it
     for key in keys:
-        first = next((k for k in same if series[k] == series[key]), key)
+        # Not series of nulls only (a run that diverged in its first chunk): equal,
+        # but nothing shows that the metrics are the same.
+        has_values = any(v is not None for _, v in series[key])
+        first = next((k for k in same if has_values and series[k] == series[key]), key)
         same.setdefault(first, []).append(key)
     fig = Figure(figsize=(4 * len(same), 3.2))
     axes = fig.subplots(1, len(same), squeeze=False)

@@ -156,7 +156,7 @@ def test_per_leaf_inner_lr_freezes_leaves(x64):
     assert not np.allclose(adapted["layers"][1]["kernel"], params["layers"][1]["kernel"])
 
 
-@pytest.mark.parametrize("rates", [{"layers": {0: 0.1}}, [0.1, 0.2]])
+@pytest.mark.parametrize("rates", [{"layers": {0: 0.1}}, [0.1, 0.2], {}, None])
 def test_per_leaf_inner_lr_of_another_structure_is_refused(rates):
     apply_fn, params = mlp(jnp.float32, sizes=(1, 4, 1))
     support = (jnp.ones((3, 1)), jnp.ones((3, 1)))

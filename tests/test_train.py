@@ -833,6 +833,10 @@ def test_metrics_logged_with_the_same_values_share_a_panel(tmp_path):
     records = [{"step": 1, "loss": 1.0, "val_loss": 1.0}, {"step": 2, "loss": 0.5}]
     fig = plots.training_curves(records, tmp_path / "t.png")
     assert [ax.get_title() for ax in fig.axes] == ["loss", "val_loss"]
+    # Nulls only (diverged in the first chunk): not shown as the same metric.
+    records = [{"step": 1, "grad_norm": None, "loss": None, "mse": None}]
+    fig = plots.training_curves(records, tmp_path / "t.png")
+    assert [ax.get_title() for ax in fig.axes] == ["grad_norm", "loss", "mse"]
 
 
 def test_figure_3_marks_diverged_steps_from_memory_or_eval_json(tmp_path):
