@@ -232,6 +232,11 @@ def test_damaged_runs_fail_with_the_run_named(tmp_path, damage, message):
         omniglot.load_one_shot_runs(path)
 
 
+def test_no_runs_is_a_clear_error():
+    with pytest.raises(ValueError, match="no one-shot runs to evaluate"):
+        one_shot_runs.stack_runs([])
+
+
 @pytest.mark.parametrize("num_outputs", [5, 25])
 def test_evaluate_runs_rejects_a_model_that_is_not_20_way(num_outputs):
     with pytest.raises(ValueError, match=f"20-way, but the model has {num_outputs} outputs"):

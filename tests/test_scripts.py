@@ -692,6 +692,10 @@ def test_common_errors_are_one_line_and_orbax_write_noise_is_dropped(tmp_path, m
     _common.check_directory(tmp_path, "--workdir", writable=False)
     with pytest.raises(Failed, match="is not writable"):
         _common.check_directory(tmp_path, "--workdir")
+    # Writable but not searchable (no X): its files cannot be created either.
+    monkeypatch.setattr(_common.os, "access", lambda path, mode: not mode & os.X_OK)
+    with pytest.raises(Failed, match="is not writable"):
+        _common.check_directory(tmp_path, "--workdir")
 
     # orbax logs each failed write of a full disk with its traceback: dropped, as
     # the one-line error says it all; its other errors, and others' logs, are kept.
@@ -717,6 +721,12 @@ def test_a_tilde_after_the_equals_sign_is_the_home_directory(tmp_path, monkeypat
         assert flags.FLAGS.workdir == str(tmp_path / "runs" / "a")
     finally:
         flags.FLAGS.unparse_flags()
+    # The analysis scripts' --output_dir too.
+    output_flags = flags.FlagValues()
+    flags.DEFINE_string("output_dir", None, "", flag_values=output_flags)
+    monkeypatch.setattr(_common.flags, "FLAGS", output_flags)
+    _common._parse_flags(["meta_gradient.py", "--output_dir=~/out"])
+    assert output_flags.output_dir == str(tmp_path / "out")
 
 
 def test_a_workdir_under_a_link_to_nothing_is_refused(tmp_path, monkeypatch):

@@ -640,6 +640,18 @@ def test_summary_counts_diverged_tasks_and_keeps_the_median_finite():
     assert "2.489e+29 +- 4.8e+29" in table and "1.234e-05 +- 2e-06" in table
 
 
+def test_table_shows_zero_with_four_decimals_and_the_median_of_the_last_step():
+    s = {"inner_steps": [0, 1], "mean": [0.0, 1e5], "ci95": [0.0, 99999.0]}
+    table = evaluate.format_table({"metric": "mse", "num_tasks": 3, "results": {"5": s}})
+    assert "0.0000 +- 0.0000" in table and "1e+05 +- 99999.0000" in table
+    # The median shown is the last step's (the one the diverged count is of), not the first's.
+    s = train.summarize(np.array([[1.0, 2.0, 3.0], [np.inf, 5.0, 6.0]]))
+    table = evaluate.format_table(
+        {"metric": "mse", "num_tasks": 3, "results": {"5": {"inner_steps": [0, 1], **s}}}
+    )
+    assert table.endswith("after 1 steps, first after 1; median then 6")
+
+
 def test_evaluate_without_checkpoint_fails_clearly(tmp_path):
     with pytest.raises(train.CheckpointError, match="no checkpoint"):
         evaluate.evaluate(tiny(), tmp_path)
@@ -1045,8 +1057,14 @@ def test_test_tasks_are_not_drawn_from_a_validation_key(tmp_path, monkeypatch):
         return spied
 
     monkeypatch.setattr(evaluate, "make_adaptation_curve", spy)
-    evaluate.evaluate(tiny(), tmp_path, write=False)
+    evaluate.evaluate(tiny(eval_shots=(5, 10)), tmp_path, write=False)
     eval_key = train.root_keys(0)[1]
     for step in (0, 5):
         validation_key = jax.random.fold_in(eval_key, step)
         assert not np.array_equal(jax.random.key_data(keys[0]), jax.random.key_data(validation_key))
+    # Each K its own tasks, from a tag that is neither a step's nor Figure 2's (2**31 - 1).
+    test_key = jax.random.fold_in(eval_key, 2**31 - 2)
+    expected = [jax.random.fold_in(test_key, shots) for shots in (5, 10)]
+    np.testing.assert_array_equal(
+        [jax.random.key_data(k) for k in keys], [jax.random.key_data(k) for k in expected]
+    )
