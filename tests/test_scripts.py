@@ -669,79 +669,72 @@ def test_gpu_session_stops_at_once_on_what_it_lacks(tmp_path):
     ]
 
 
-def test_common_errors_are_one_line_and_orbax_write_noise_is_dropped(tmp_path, monkeypatch):
-    import logging
+class Failed(Exception):
+    """What ``_common.fail`` raises in these tests, with its message, instead of exiting."""
 
+
+@pytest.fixture
+def common(monkeypatch):
+    """``scripts/_common.py``, its ``fail`` raising ``Failed``."""
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))
-    from maml.tasks.omniglot import DatasetNotFoundError
-
     import _common
-
-    class Failed(Exception):
-        pass
 
     def fail(message):
         raise Failed(message)
 
     monkeypatch.setattr(_common, "fail", fail)
-    with pytest.raises(Failed, match="no Omniglot here"), _common.user_errors():
+    return _common
+
+
+def test_common_errors_are_one_line_and_orbax_write_noise_is_dropped(tmp_path, monkeypatch, common):
+    import logging
+
+    from maml.tasks.omniglot import DatasetNotFoundError
+
+    with pytest.raises(Failed, match="no Omniglot here"), common.user_errors():
         raise DatasetNotFoundError("no Omniglot here")
     # A read-only mount (root passes any chmod, so os.access stands in for it):
     # refused where the script writes, not where it only reads.
-    monkeypatch.setattr(_common.os, "access", lambda *args: False)
-    _common.check_directory(tmp_path, "--workdir", writable=False)
+    monkeypatch.setattr(common.os, "access", lambda *args: False)
+    common.check_directory(tmp_path, "--workdir", writable=False)
     with pytest.raises(Failed, match="is not writable"):
-        _common.check_directory(tmp_path, "--workdir")
+        common.check_directory(tmp_path, "--workdir")
     # Writable but not searchable (no X): its files cannot be created either.
-    monkeypatch.setattr(_common.os, "access", lambda path, mode: not mode & os.X_OK)
+    monkeypatch.setattr(common.os, "access", lambda path, mode: not mode & os.X_OK)
     with pytest.raises(Failed, match="is not writable"):
-        _common.check_directory(tmp_path, "--workdir")
+        common.check_directory(tmp_path, "--workdir")
 
     # orbax logs each failed write of a full disk with its traceback: dropped, as
     # the one-line error says it all; its other errors, and others' logs, are kept.
     def record(path, message, level=logging.ERROR):
         return logging.LogRecord("absl", level, path, 1, message, None, None)
 
-    assert not _common._drop_failed_write_logs(record("/x/orbax/y.py", "No space left on device"))
-    assert _common._drop_failed_write_logs(record("/x/orbax/y.py", "something else"))
-    assert _common._drop_failed_write_logs(record("/x/maml/y.py", "No space left on device"))
+    assert not common._drop_failed_write_logs(record("/x/orbax/y.py", "No space left on device"))
+    assert common._drop_failed_write_logs(record("/x/orbax/y.py", "something else"))
+    assert common._drop_failed_write_logs(record("/x/maml/y.py", "No space left on device"))
 
 
-def test_a_tilde_after_the_equals_sign_is_the_home_directory(tmp_path, monkeypatch):
+def test_a_tilde_after_the_equals_sign_is_the_home_directory(tmp_path, monkeypatch, common):
     # The shell leaves the ~ of "--workdir=~/runs/a" as it is: the run went to ./~/runs/a.
     from absl import flags
 
-    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
-    import _common
-
     monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.setattr(_common, "fail", pytest.fail)
     try:
-        _common._parse_flags(["train.py", f"--config={CONFIG}:tiny", "--workdir=~/runs/a"])
+        common._parse_flags(["train.py", f"--config={CONFIG}:tiny", "--workdir=~/runs/a"])
         assert flags.FLAGS.workdir == str(tmp_path / "runs" / "a")
     finally:
         flags.FLAGS.unparse_flags()
     # The analysis scripts' --output_dir too.
     output_flags = flags.FlagValues()
     flags.DEFINE_string("output_dir", None, "", flag_values=output_flags)
-    monkeypatch.setattr(_common.flags, "FLAGS", output_flags)
-    _common._parse_flags(["meta_gradient.py", "--output_dir=~/out"])
+    monkeypatch.setattr(common.flags, "FLAGS", output_flags)
+    common._parse_flags(["meta_gradient.py", "--output_dir=~/out"])
     assert output_flags.output_dir == str(tmp_path / "out")
 
 
-def test_a_workdir_under_a_link_to_nothing_is_refused(tmp_path, monkeypatch):
+def test_a_workdir_under_a_link_to_nothing_is_refused(tmp_path, common):
     # runs/ linked to a scratch folder since purged: mkdir said only "File exists: 'runs'".
-    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
-    import _common
-
-    class Failed(Exception):
-        pass
-
-    def fail(message):
-        raise Failed(message)
-
-    monkeypatch.setattr(_common, "fail", fail)
     (tmp_path / "runs").symlink_to(tmp_path / "scratch")
     expected = f"{tmp_path / 'runs'} links to {tmp_path / 'scratch'}, which does not exist"
     with pytest.raises(Failed, match=re.escape(expected)):
-        _common.check_directory(tmp_path / "runs" / "a", "--workdir")
+        common.check_directory(tmp_path / "runs" / "a", "--workdir")
