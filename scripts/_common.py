@@ -54,6 +54,9 @@ def fail(message: str) -> None:
 
 
 def _parse_flags(argv):
+    # The shell expands ~ in "--workdir ~/runs" but not in "--workdir=~/runs", which
+    # would write to a folder named ~ in the current directory (--config: not find it).
+    argv = [re.sub(r"^(--(?:config|workdir|output_dir)=)(~.*)", _home, a) for a in argv]
     try:
         argv = flags.FLAGS(argv)
     except flags.Error as e:
@@ -79,17 +82,16 @@ def _parse_flags(argv):
         fail(f"cannot load the --config file: {type(e).__name__}: {one_line(e)}")
     except Exception as e:  # the config file's own code failed (SyntaxError, ...)
         fail(f"cannot load the --config file: {type(e).__name__}: {one_line(e)}")
-    # The shell expands ~ in "--workdir ~/runs" but not in "--workdir=~/runs", which
-    # would write to a folder named ~ in the current directory.
-    for name in ("workdir", "output_dir"):
-        if name in flags.FLAGS and flags.FLAGS[name].value:
-            flags.FLAGS[name].value = os.path.expanduser(flags.FLAGS[name].value)
     if len(argv) > 1:  # absl would drop it: "--config=PATH VARIANT" would train the default
         fail(
             f"unexpected argument {argv[1]!r}: the scripts take only flags "
             "(a config variant goes after a colon: --config=PATH:VARIANT)"
         )
     return argv
+
+
+def _home(match: re.Match) -> str:
+    return match[1] + os.path.expanduser(match[2])
 
 
 def one_line(error: Exception) -> str:

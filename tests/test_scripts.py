@@ -719,9 +719,11 @@ def test_a_tilde_after_the_equals_sign_is_the_home_directory(tmp_path, monkeypat
     from absl import flags
 
     monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copy(CONFIG, tmp_path / "mine.py")  # and --config=~/mine.py was not found
     try:
-        common._parse_flags(["train.py", f"--config={CONFIG}:tiny", "--workdir=~/runs/a"])
+        common._parse_flags(["train.py", "--config=~/mine.py:tiny", "--workdir=~/runs/a"])
         assert flags.FLAGS.workdir == str(tmp_path / "runs" / "a")
+        assert flags.FLAGS.config.num_steps == sinusoid.get_config("tiny").num_steps
     finally:
         flags.FLAGS.unparse_flags()
     # The analysis scripts' --output_dir too.
