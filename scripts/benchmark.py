@@ -11,7 +11,8 @@ state) over ``--steps`` meta-steps per device call, and prints one JSON line:
 ``tasks_per_s``, ``s_per_step``, ``compile_s``, memory, the device. With
 ``--compare-peer PYTHON`` it runs the peer with that interpreter in the same
 invocation, alternating ours and theirs ``--rounds`` times, and adds the
-peer's figures and the ratio of the medians. With ``--profile DIR`` one more
+peer's figures and the ratio of the medians; both sides' per-round rates and
+each round's ratio are in the line too, for the spread. With ``--profile DIR`` one more
 call runs under ``jax.profiler`` (a Perfetto trace in DIR) and the JSON line
 gains a summary of it: the device time a step spends in XLA ops, the fraction
 of the traced window in which an op ran (low means launch- or host-bound), and
@@ -345,7 +346,8 @@ def main(argv=None):
     s_per_step = statistics.median(ours) / args.steps
     # Both sides' tasks/s as the median of per-round rates, so the ratio is a
     # ratio of medians for an even --rounds too.
-    tasks_per_s = statistics.median(args.task_num * args.steps / t for t in ours)
+    rates = [args.task_num * args.steps / t for t in ours]
+    tasks_per_s = statistics.median(rates)
     result.update(
         n_way=args.n_way,
         k_spt=args.k_spt,
@@ -358,16 +360,22 @@ def main(argv=None):
         steps=args.steps,
         s_per_step=s_per_step,
         tasks_per_s=tasks_per_s,
+        tasks_per_s_rounds=rates,  # the spread a single median hides
         peak_mem_mib=(analysis.device_peak_bytes() or 0) / 2**20 or None,
     )
     if peer_error:
         result["peer_error"] = peer_error
     elif peers:
-        peer_tps = statistics.median(p["tasks_per_s"] for p in peers)
+        peer_rates = [p["tasks_per_s"] for p in peers]
+        peer_tps = statistics.median(peer_rates)
         result.update(
             peer_tasks_per_s=peer_tps,
+            peer_tasks_per_s_rounds=peer_rates,
             peer_peak_mem_mib=peers[-1].get("peak_mem_mib"),
             speedup_vs_peer=result["tasks_per_s"] / peer_tps,
+            # Round i's call of ours and the peer run right after it: how far the
+            # ratio moves within one invocation, which the ratio of medians does not say.
+            speedup_per_round=[r / q for r, q in zip(rates, peer_rates, strict=True)],
         )
     if args.profile:
         try:

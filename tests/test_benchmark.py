@@ -237,6 +237,10 @@ def test_ratio_is_of_medians_and_peer_gets_our_shapes(tmp_path, monkeypatch, cap
     assert out["tasks_per_s"] == pytest.approx(18.0)  # the median of 24 and 12
     assert out["peer_tasks_per_s"] == pytest.approx(36.0)  # the median of 24 and 48
     assert out["speedup_vs_peer"] == pytest.approx(0.5)  # above 1: ours is faster
+    # The spread behind the medians: each side's rounds, and each round's ratio.
+    assert out["tasks_per_s_rounds"] == pytest.approx([24.0, 12.0])
+    assert out["peer_tasks_per_s_rounds"] == pytest.approx([24.0, 48.0])
+    assert out["speedup_per_round"] == pytest.approx([1.0, 0.25])
     assert out["s_per_step"] == pytest.approx(1.5 / 4)
     runs = [json.loads(line) for line in calls.read_text().splitlines()]
     assert len(runs) == 2

@@ -164,8 +164,20 @@ def test_ci95_is_over_runs():
     assert list(result["runs"]) == ["run01", "run02", "run03", "run04"]
     np.testing.assert_allclose(list(result["runs"].values()), per_run[:, None], rtol=1e-6)
     np.testing.assert_allclose(result["error"], [per_run.mean()], rtol=1e-6)
-    np.testing.assert_allclose(result["ci95"], [1.96 * per_run.std() / 2], rtol=1e-6)
+    # Student's t with 3 degrees of freedom (3.182) and ddof=1: 1.96 and ddof=0 would
+    # claim 95% for what covers 81% with 4 runs (93% with Lake's 20).
+    np.testing.assert_allclose(result["ci95"], [3.1824463 * per_run.std(ddof=1) / 2], rtol=1e-6)
     assert "20.0% +- " in one_shot_runs.format_table(result)
+
+
+def test_ci95_over_runs_has_95_percent_coverage_with_20_runs():
+    """Normal per-run errors, 20 runs: the half-width covers the true mean 95% of the
+    time (1.96 std / sqrt(20), ddof=0, would cover 92.9%); one run has none."""
+    rng = np.random.default_rng(0)
+    per_run = rng.normal(0.2, 0.1, (20_000, 20))
+    covered = np.abs(per_run.mean(-1) - 0.2) <= one_shot_runs.ci95_over_runs(per_run)
+    assert abs(covered.mean() - 0.95) < 0.006  # the binomial std of the estimate is 0.0015
+    assert np.isnan(one_shot_runs.ci95_over_runs(np.array([[0.3]]))).all()
 
 
 def _runs_zip(tmp_path, damage):
