@@ -47,6 +47,7 @@ def test_json_has_every_example(results):
         "meta_gradient",
         "td_naive",
         "td_stop_gradient",
+        "td_update",
         "straight_through",
         "per_example_grads",
         "per_example_speedup",
@@ -89,10 +90,17 @@ def test_hessian_of_dot_product(results):
 
 def test_hvp_matches_dense_hessian(results):
     h = results["hvp_matches_hessian"]
-    assert h["matches"] is True
-    assert h["max_abs_error"] < 1e-6
-    np.testing.assert_allclose(h["hvp"], 2.0 * np.asarray(h["v"]))
-    np.testing.assert_allclose(h["hvp"], h["hessian_times_v"])
+    assert h["shape"] == [30, 40] and h["allclose"] is True and h["matches"] is True
+    assert h["max_abs_error"] < 1e-5 and h["max_abs_error_vs_closed_form"] < 1e-5
+
+
+def test_hvp_check_catches_a_hessian_taken_at_the_wrong_point(script, monkeypatch):
+    # The tutorial's f = sum(tanh(X)^2) has a Hessian that varies with X, so an hvp
+    # evaluated anywhere but at X fails the check (x . x, with H = 2 I everywhere, would not).
+    real_hvp = script.hvp
+    monkeypatch.setattr(script, "hvp", lambda f, x, v: real_hvp(f, 0.0 * x, v))
+    h = script.hvp_example()
+    assert h["matches"] is False and h["allclose"] is False
 
 
 def test_meta_gradient_matches_finite_differences(results):
@@ -107,8 +115,14 @@ def test_meta_gradient_matches_finite_differences(results):
 
 
 def test_td_updates(results):
-    np.testing.assert_allclose(results["td_naive"], [2.4, -2.4, 2.4], rtol=1e-6)
-    np.testing.assert_allclose(results["td_stop_gradient"], [-2.4, -4.8, 2.4], rtol=1e-6)
+    # The tutorial's pseudo-loss -1/2 (r_t + v(s_t) - v(s_tm1))^2 at its transition: the
+    # TD error is 1 + 0.1 - (-0.1) = 1.2, and with the target's gradient stopped the
+    # gradient is the TD(0) update 1.2 * grad v(s_tm1) = 1.2 * s_tm1.
+    td_error, s_tm1, s_t = 1.2, np.array([1.0, 2.0, -1.0]), np.array([2.0, 1.0, 0.0])
+    np.testing.assert_allclose(results["td_naive"], -td_error * (s_t - s_tm1), rtol=1e-6)
+    np.testing.assert_allclose(results["td_stop_gradient"], td_error * s_tm1, rtol=1e-6)
+    np.testing.assert_allclose(results["td_update"], td_error * s_tm1, rtol=1e-6)
+    np.testing.assert_allclose(results["td_stop_gradient"], [1.2, 2.4, -1.2], rtol=1e-6)
 
 
 def test_straight_through_estimator(results):
@@ -121,7 +135,7 @@ def test_straight_through_estimator(results):
 
 
 def test_per_example_gradients(results):
-    np.testing.assert_allclose(results["per_example_grads"], [[-2.4, -4.8, 2.4]] * 2, rtol=1e-6)
+    np.testing.assert_allclose(results["per_example_grads"], [[1.2, 2.4, -1.2]] * 2, rtol=1e-6)
 
 
 def test_per_example_speedup_times_jit_of_the_vmapped_gradient(script, monkeypatch):
@@ -142,12 +156,12 @@ def test_per_example_speedup_times_jit_of_the_vmapped_gradient(script, monkeypat
     assert len(jitted) == 1 and s == {"unjitted_s": 1.0, "jitted_s": 2.0, "speedup": 0.5}
     unjitted_grads, jitted_grads = calls
     np.testing.assert_allclose(jitted_grads, unjitted_grads, rtol=1e-6)
-    np.testing.assert_allclose(jitted_grads, [[-2.4, -4.8, 2.4]] * 2, rtol=1e-6)
+    np.testing.assert_allclose(jitted_grads, [[1.2, 2.4, -1.2]] * 2, rtol=1e-6)
 
 
 def test_functions_are_importable_and_agree(script):
     np.testing.assert_allclose(script.derivatives(2.0), [17.0, 16.0, 6.0, 0.0])
-    np.testing.assert_allclose(script.td_examples()["td_stop_gradient"], [-2.4, -4.8, 2.4])
+    np.testing.assert_allclose(script.td_examples()["td_stop_gradient"], [1.2, 2.4, -1.2])
     assert script.straight_through_example(2.7)["f"] == 3.0
 
 
