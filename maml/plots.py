@@ -15,6 +15,20 @@ from maml import core
 if TYPE_CHECKING:  # maml.train imports this module
     from maml.train import Experiment
 
+
+def save(fig: Figure, path: Path) -> None:
+    """Writes ``fig`` to ``path`` through a temporary file beside it and a rename: a
+    run interrupted while drawing leaves no half-written image for the next run to
+    take for a finished one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or None)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 ALGORITHM_TITLES = {
     "maml": "MAML",
     "fomaml": "first-order MAML",
@@ -59,7 +73,7 @@ def training_curves(records: list[dict], path: Path) -> Figure | None:
         if key in ("loss", "mse", "grad_norm"):
             ax.set_yscale("log")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save(fig, path)
     return fig
 
 
@@ -101,7 +115,7 @@ def sinusoid_adaptation(
     ax.set(xlabel="x", ylabel="y")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save(fig, path)
     return fig
 
 
@@ -151,5 +165,5 @@ def adaptation_curves(evaluation: dict, path: Path) -> Figure:
     ax.set_title(f"{evaluation['num_tasks']} test tasks, 95% CI")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save(fig, path)
     return fig

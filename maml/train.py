@@ -386,13 +386,19 @@ CHECKPOINTS = {"latest": "checkpoints", "best": "best_checkpoint"}
 
 
 def checkpoint_manager(
-    workdir: Path, which: str = "latest", metric: str = "accuracy"
+    workdir: Path, which: str = "latest", metric: str = "accuracy", *, cleanup: bool = False
 ) -> ocp.CheckpointManager:
     """``latest``: the last 3 saves, for resuming; ``best``: the state with the best
     validation ``metric`` so far (highest accuracy, lowest error; of equal ones, the
-    later), one save. A NaN validation (diverged inner SGD) ranks below every other."""
+    later), one save. A NaN validation (diverged inner SGD) ranks below every other.
+
+    ``cleanup`` deletes the temporary folders of saves that never finished (a run
+    killed while saving), each as large as a checkpoint; only for the run that holds
+    the workdir's lock: in a reader (evaluation) it would delete a save in progress."""
     if which == "latest":
-        options = ocp.CheckpointManagerOptions(max_to_keep=3, create=True)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=3, create=True, cleanup_tmp_directories=cleanup
+        )
     else:
         mode = "max" if metric == "accuracy" else "min"
         worst = -math.inf if mode == "max" else math.inf
@@ -407,6 +413,7 @@ def checkpoint_manager(
         options = ocp.CheckpointManagerOptions(
             max_to_keep=1,
             create=True,
+            cleanup_tmp_directories=cleanup,
             best_fn=best_fn,
             best_mode=mode,
             # With several processes, both managers save the same steps: without
@@ -730,7 +737,7 @@ def _train_and_evaluate(
     if refused is not None:
         raise refused
     train_key, eval_key = root_keys(config.seed)
-    manager = opened(checkpoint_manager(workdir))
+    manager = opened(checkpoint_manager(workdir, cleanup=True))
     state = init_state(exp)
     # Checked before the restore, which would name only the first array a change reshapes.
     saved_step = manager.latest_step()
@@ -759,10 +766,14 @@ def _train_and_evaluate(
                 f"{config.num_steps}: nothing to train (raise --config.num_steps to train on)",
                 file=sys.stderr,
             )
+            # A run interrupted while drawing its last plots trained to the end.
+            _end_plots(exp, restored.params, eval_key, workdir, stale_only=True)
         return restored
     metrics_path = workdir / "metrics.jsonl"
     if restored is not None:
         state = restored
+        if is_main:  # else a resumed run looks like a fresh one until its bar is drawn
+            print(f"resuming from the checkpoint at step {int(state.step)}", file=sys.stderr)
         if changed and is_main:
             kept = workdir / f"config.step{int(state.step)}.json"
             # An existing one trained the steps up to this checkpoint; config.json
@@ -775,6 +786,16 @@ def _train_and_evaluate(
             print(f"resuming with {changes} (was: {kept})", file=sys.stderr)
         if is_main:
             _truncate_metrics(metrics_path, int(state.step))
+            # Each checkpoint's step is logged before it is saved: fewer lines were
+            # deleted or cut short since, and cannot be written again.
+            logged = [r["step"] for r in _read_metrics(metrics_path)]
+            if not logged or logged[-1] < int(state.step):
+                print(
+                    f"warning: {metrics_path} ends at step {logged[-1] if logged else 0}, "
+                    f"before the checkpoint's {int(state.step)}: the lines of the steps "
+                    "between are lost (deleted or cut short); the run logs on from here",
+                    file=sys.stderr,
+                )
     elif is_main:  # a fresh start: what an earlier run here left describes no checkpoint
         metrics_path.unlink(missing_ok=True)
         for stale in workdir.glob("config.step*.json"):
@@ -802,7 +823,9 @@ def _train_and_evaluate(
     best = None
     if keep_best or (workdir / CHECKPOINTS["best"]).is_dir():
         best = opened(
-            checkpoint_manager(workdir, "best", val_task.metric if keep_best else "accuracy")
+            checkpoint_manager(
+                workdir, "best", val_task.metric if keep_best else "accuracy", cleanup=True
+            )
         )
     for later in [s for s in best.all_steps() if s > start] if best else []:
         # From steps this run replays (it saves them again when it validates), or
@@ -949,6 +972,10 @@ def _train_and_evaluate(
                 )
                 if multiprocess and _any_process(bool(received)):
                     raise KeyboardInterrupt  # on leaving the block, the signal received, if any
+            # The last save is still being written: an interrupt in orbax's wait for it
+            # would surface as its traceback.
+            with deferred():
+                finish_saves()
         except KeyboardInterrupt:
             # With one process, signals are held from here on too: a second Ctrl-C
             # (or a scheduler's second SIGTERM) would abort the save half-written.
@@ -986,7 +1013,6 @@ def _train_and_evaluate(
                     )
                 plot_training(failing=True)
             raise
-    finish_saves()
     bar.close()
     if not is_main:
         return state
@@ -1000,16 +1026,32 @@ def _train_and_evaluate(
         )
 
     plot_training()
+    _end_plots(exp, state.params, eval_key, workdir)
+    return state
+
+
+def _end_plots(
+    exp: Experiment, params: PyTree, eval_key: jax.Array, workdir: Path, *, stale_only: bool = False
+) -> None:
+    """The plots a finished run draws last: for the sinusoid, Finn's Figure 2 of
+    ``params``; with ``stale_only``, also the training curves, each only where it is
+    missing or older than ``metrics.jsonl`` (a run interrupted while drawing them)."""
     from maml import plots
 
-    if isinstance(exp.task, Sinusoid):
-        plots.sinusoid_adaptation(
-            exp,
-            state.params,
-            jax.random.fold_in(eval_key, 2**31 - 1),
-            workdir / "plots" / "adaptation.png",
+    def stale(path: Path) -> bool:
+        if not stale_only:
+            return True
+        logged = workdir / "metrics.jsonl"
+        return not path.exists() or (
+            logged.exists() and path.stat().st_mtime < logged.stat().st_mtime
         )
-    return state
+
+    folder = workdir / "plots"
+    if stale_only and stale(folder / "training.png"):
+        plots.training_curves(_read_metrics(workdir / "metrics.jsonl"), folder / "training.png")
+    if isinstance(exp.task, Sinusoid) and stale(folder / "adaptation.png"):
+        key = jax.random.fold_in(eval_key, 2**31 - 1)
+        plots.sinusoid_adaptation(exp, params, key, folder / "adaptation.png")
 
 
 def restore_params(

@@ -5,6 +5,7 @@ import json
 import re
 import shutil
 import signal
+import sys
 from pathlib import Path
 
 import jax
@@ -145,6 +146,7 @@ def test_ctrl_c_saves_the_last_step_and_resumes_bit_for_bit(tmp_path, monkeypatc
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     monkeypatch.undo()
     resumed = train.train_and_evaluate(tiny(), tmp_path / "resumed")
+    assert f"resuming from the checkpoint at step {stop}" in capsys.readouterr().err
     jax.tree.map(np.testing.assert_array_equal, resumed.params, full.params)
     after = [json.loads(line) for line in path.read_text().splitlines()][len(records) :]
     assert after and all(1000.0 < r["wall_s"] < 1100.0 for r in after)
@@ -1068,3 +1070,76 @@ def test_test_tasks_are_not_drawn_from_a_validation_key(tmp_path, monkeypatch):
     np.testing.assert_array_equal(
         [jax.random.key_data(k) for k in keys], [jax.random.key_data(k) for k in expected]
     )
+
+
+def test_an_interrupt_while_the_last_save_finishes_is_one_and_the_rerun_plots(
+    tmp_path, monkeypatch, capsys
+):
+    # After the last chunk the run waits for orbax to finish its save: a Ctrl-C there
+    # was orbax's traceback, with no word of the checkpoint, and no end plots ever.
+    wait, sent = train.ocp.CheckpointManager.wait_until_finished, []
+
+    def interrupted_wait(self):
+        if sys._getframe(1).f_code.co_name == "finish_saves" and not sent:
+            sent.append(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        wait(self)
+
+    monkeypatch.setattr(train.ocp.CheckpointManager, "wait_until_finished", interrupted_wait)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(tiny(num_steps=50), tmp_path)
+    assert sent and "interrupted: saved a checkpoint at step 50" in capsys.readouterr().err
+    assert not (tmp_path / "plots" / "adaptation.png").exists()
+    monkeypatch.undo()
+    train.train_and_evaluate(tiny(num_steps=50), tmp_path)
+    assert "nothing to train" in capsys.readouterr().err
+    assert (tmp_path / "plots" / "adaptation.png").stat().st_size > 0
+
+
+def test_a_plot_interrupted_half_written_is_drawn_whole_when_run_again(tmp_path, monkeypatch):
+    savefig = plots.Figure.savefig
+
+    def cut_short(self, path, *args, **kwargs):
+        if "adaptation" in str(path):
+            Path(path).write_bytes(b"\x89PNG")
+            raise KeyboardInterrupt
+        savefig(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(plots.Figure, "savefig", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(tiny(num_steps=50), tmp_path)
+    monkeypatch.undo()
+    train.train_and_evaluate(tiny(num_steps=50), tmp_path)  # nothing to train
+    assert (tmp_path / "plots" / "adaptation.png").stat().st_size > 1000
+    assert not list((tmp_path / "plots").glob(".*"))
+
+
+def test_a_save_killed_half_way_leaves_no_temporary_folder_after_the_resume(tmp_path):
+    def config(**overrides):
+        return tiny(eval_every=50, num_val_tasks=4, **overrides)
+
+    train.train_and_evaluate(config(num_steps=100), tmp_path)
+    # What orbax leaves of a save of step 150 that a SIGKILL cut short.
+    for folder in ("checkpoints", "best_checkpoint"):
+        saved = next((tmp_path / folder).iterdir())
+        shutil.copytree(saved, tmp_path / folder / "150.orbax-checkpoint-tmp-1234")
+    # A reader (evaluation) deletes none: one may be a save in progress.
+    train.restore_params(config(), tmp_path, "best")
+    assert len(list(tmp_path.glob("*/*.orbax-checkpoint-tmp-*"))) == 2
+    train.train_and_evaluate(config(), tmp_path)
+    assert not list(tmp_path.glob("*/*.orbax-checkpoint-tmp-*"))
+    with train.checkpoint_manager(tmp_path) as manager:
+        assert manager.all_steps() == [100, 200]
+
+
+def test_a_resume_names_the_log_lines_lost_before_its_checkpoint(tmp_path, capsys):
+    train.train_and_evaluate(tiny(num_steps=100), tmp_path)
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(path.read_text()[:-20])  # the last line cut short, between runs
+    capsys.readouterr()
+    train.train_and_evaluate(tiny(num_steps=150), tmp_path)
+    assert "metrics.jsonl ends at step 50, before the checkpoint's 100" in capsys.readouterr().err
+    path.unlink()
+    train.train_and_evaluate(tiny(), tmp_path)
+    assert "metrics.jsonl ends at step 0, before the checkpoint's 150" in capsys.readouterr().err
+    assert [r["step"] for r in train._read_metrics(path)] == [200]
