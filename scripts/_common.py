@@ -235,10 +235,14 @@ def user_errors():
     except errors as e:
         fail(str(e))
     except Exception as e:
-        if "RESOURCE_EXHAUSTED" not in str(e):
+        # Memory the compiler cannot get is RESOURCE_EXHAUSTED; memory a running call
+        # cannot get is an INTERNAL error ("Error dispatching computation: ..." thrice).
+        memory = re.search(r"Out of memory allocating \d+ bytes", str(e))
+        if "RESOURCE_EXHAUSTED" not in str(e) and not memory:
             raise
+        reason = memory[0] if memory else one_line(e).removeprefix("RESOURCE_EXHAUSTED: ")
         fail(
-            f"out of memory: {one_line(e).removeprefix('RESOURCE_EXHAUSTED: ').rstrip('.')}; lower "
+            f"out of memory: {reason.rstrip('.')}; lower "
             "config.meta_batch_size (training) or config.eval_batch_size (evaluation), "
             "or set config.remat=True"
         )

@@ -91,6 +91,8 @@ def parse_args(argv=None):
         args.algorithm = "fomaml"
     if args.inner_steps < 0 or args.warmup < 0 or args.peer_steps < 0:
         p.error("--inner-steps, --warmup and --peer-steps must be >= 0")
+    if args.steps >= 2**31:  # a scan's length: JAX counts it in 32-bit integers
+        p.error(f"--steps={args.steps} must be below 2**31")
     if args.compare_peer:
         if not shutil.which(args.compare_peer):
             p.error(f"--compare-peer={args.compare_peer} is not an executable Python")
@@ -122,6 +124,8 @@ def parse_args(argv=None):
             .replace("config.num_shots", "--k-spt")
             .replace("config.num_query", "--k-qry")
             .replace("config.num_ways", "--n-way")
+            .replace("config.meta_batch_size", "--task-num")
+            .replace("config.num_inner_steps", "--inner-steps")
             .replace("config.inner_lr", "--inner-lr")
             .replace("config.seed", "--seed")
         )
@@ -334,7 +338,16 @@ def main(argv=None):
     if args.compare_peer and args.algorithm != "maml":
         print("error: the peer runs second-order MAML only; drop --compare-peer", file=sys.stderr)
         sys.exit(2)
-    result, timed, profiled = time_ours(args)
+    try:
+        result, timed, profiled = time_ours(args)
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e) and "Out of memory" not in str(e):
+            raise
+        print(
+            f"error: out of memory at --task-num={args.task_num}: lower it, or pass --remat",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     ours, peers, peer_error = [], [], None
     for _ in range(args.rounds):
         ours.append(timed())

@@ -255,7 +255,7 @@ def main(argv):
         train_key, _ = train.root_keys(config.seed)
         episode = exp.task.sample(jax.random.fold_in(train_key, 0), num_tasks)
         episode = {"support": episode["support"], "query": episode["query"]}
-    with jax.enable_x64(x64):
+    with _common.user_errors(), jax.enable_x64(x64):  # out of memory, at many inner steps
         dtype = jnp.float64 if x64 else jnp.float32
         params, episode = to_dtype(params, dtype), to_dtype(episode, dtype)
         results = measure(

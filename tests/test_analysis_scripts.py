@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -230,6 +231,24 @@ def test_meta_gradient_rejects_bad_flags(tmp_path, flag, expected):
     code, _, stderr = finish(start("meta_gradient.py", f"--output_dir={tmp_path}", flag))
     assert code == 2 and len(stderr.strip().splitlines()) == 1
     assert stderr.startswith(f"error: {expected}")
+
+
+def test_meta_gradient_out_of_memory_is_one_line(tmp_path):
+    def cap_memory():  # 8 GB of address space: the meta-gradients of a million tasks need more
+        resource.setrlimit(resource.RLIMIT_AS, (8 * 2**30, 8 * 2**30))
+
+    flags = "--num_tasks=1000000", "--inner_steps=1", "--repeats=1", f"--output_dir={tmp_path}"
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "meta_gradient.py"), f"--config={CONFIG}", *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        preexec_fn=cap_memory,
+    )
+    code, _, stderr = finish(process)
+    assert code == 2 and "Traceback" not in stderr, stderr[-2000:]
+    assert stderr.startswith("error: out of memory: ") and len(stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("seed", [-1, 2**32])

@@ -170,6 +170,38 @@ def test_a_wrong_data_dir_names_only_the_benchmarks_flags(tmp_path, monkeypatch,
     assert "--data-dir or TFDS_DATA_DIR" in error and "--config." not in error
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [  # 2**31 overflowed JAX's 32-bit counts with a traceback; validation named config fields
+        (["--steps", str(2**31)], "--steps=2147483648 must be below 2**31"),
+        (["--inner-steps", str(2**31)], "--inner-steps=2147483648 is invalid"),
+        (["--task-num", str(2**31)], "--task-num=2147483648 is invalid"),
+    ],
+)
+def test_benchmark_refuses_counts_past_32_bits(capsys, args, message):
+    with pytest.raises(SystemExit) as info:
+        _load_benchmark().parse_args(args)
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert info.value.code == 2 and message in error and "config." not in error
+
+
+def test_benchmark_out_of_memory_is_one_line(monkeypatch, capsys):
+    import jax
+
+    def time_ours(args):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 9 bytes.")
+
+    benchmark = _load_benchmark()
+    monkeypatch.setattr(benchmark, "time_ours", time_ours)
+    with pytest.raises(SystemExit) as info:
+        benchmark.main(["--task-num", "4096"])
+    assert info.value.code == 2
+    assert (
+        capsys.readouterr().err
+        == "error: out of memory at --task-num=4096: lower it, or pass --remat\n"
+    )
+
+
 def test_first_order_flag_is_fomaml():
     benchmark = _load_benchmark()
     args = benchmark.parse_args(["--first-order"])

@@ -100,6 +100,20 @@ def test_missing_data_dir_raises_clear_error(tmp_path):
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
 
+def test_a_failed_download_does_not_advise_downloading(tmp_path, monkeypatch):
+    import tensorflow_datasets as tfds
+
+    def data_source(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(tfds, "data_source", data_source)
+    with pytest.raises(omniglot.DatasetNotFoundError) as info:
+        omniglot.load_images(data_dir=tmp_path, download=True, cache_dir=tmp_path / "cache")
+    message = str(info.value)
+    assert "could not be downloaded" in message and "(OSError: no network)" in message
+    assert "TFDS_DATA_DIR" in message and "download=True" not in message
+
+
 @requires_data
 def test_incomplete_dataset_raises_clear_error(tmp_path):
     version_dir = tmp_path / "tfds" / "omniglot" / omniglot.DATASET_VERSION

@@ -68,6 +68,15 @@ CONFIG = str(ROOT / "maml" / "configs" / "sinusoid.py")
         ("hidden_sizes", 40, "tuple of positive integers"),  # not a TypeError
         ("eval_shots", (5, 0), "distinct positive integers"),
         ("split_protocol", "lake", "one of finn, background"),
+        # JAX counts in 32-bit integers: 2**31 overflowed with a traceback (or hung).
+        ("log_every", 2**31, "a positive integer below 2**31"),
+        ("imaml_cg_steps", 2**31, "a positive integer below 2**31"),
+        ("num_inner_steps", 2**31, "a non-negative integer below 2**31"),
+        ("num_ways", 2**31, "an integer from 2 to 2**31 - 1"),
+        # A config file's None or "False" was read as a switch off or on.
+        ("remat", "False", "True or False"),
+        ("adapt_norm", None, "True or False"),
+        ("download", 1, "True or False"),
     ],
 )
 def test_validate_names_field_value_and_what_is_allowed(field, value, allowed):
@@ -83,7 +92,10 @@ def test_validate_names_field_value_and_what_is_allowed(field, value, allowed):
 @pytest.mark.parametrize(
     "overrides, expected",
     [
-        ({"num_ways": 1}, "config.num_ways=1 is invalid: it must be an integer of at least 2"),
+        (
+            {"num_ways": 1},
+            "config.num_ways=1 is invalid: it must be an integer from 2 to 2**31 - 1",
+        ),
         ({"num_validation_classes": 50}, "applies to split_protocol='background' only"),
         (
             {"split_protocol": "background", "num_validation_classes": 1200},
@@ -712,6 +724,16 @@ def test_common_errors_are_one_line_and_orbax_write_noise_is_dropped(tmp_path, m
     assert not common._drop_failed_write_logs(record("/x/orbax/y.py", "No space left on device"))
     assert common._drop_failed_write_logs(record("/x/orbax/y.py", "something else"))
     assert common._drop_failed_write_logs(record("/x/maml/y.py", "No space left on device"))
+
+
+def test_out_of_memory_while_running_is_one_line(common):
+    # What a jitted call that cannot get its memory raises (the compiler's is RESOURCE_EXHAUSTED).
+    from jax.errors import JaxRuntimeError
+
+    error = "INTERNAL: Error dispatching computation: " * 3 + "Out of memory allocating 17 bytes."
+    with pytest.raises(Failed) as e, common.user_errors():
+        raise JaxRuntimeError(error)
+    assert str(e.value).startswith("out of memory: Out of memory allocating 17 bytes; lower ")
 
 
 def test_a_tilde_after_the_equals_sign_is_the_home_directory(tmp_path, monkeypatch, common):

@@ -55,6 +55,10 @@ def _is_rate(v):
         return False
 
 
+def _is_count(v, least):  # JAX counts steps and loops in 32-bit integers, which 2**31 overflows
+    return _is_int(v) and least <= v < 2**31
+
+
 def _is_seed(v):  # without x64, JAX's and NNX's keys keep a seed's low 32 bits only
     return _is_int(v) and 0 <= v < 2**32
 
@@ -76,11 +80,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "eval_batch_size",
         "imaml_cg_steps",
     ):
-        _check(config, name, lambda v: _is_int(v) and v > 0, "a positive integer")
+        _check(config, name, lambda v: _is_count(v, 1), "a positive integer below 2**31")
     # One class is no classification: its loss and gradient are 0, its accuracy 100%.
-    _check(config, "num_ways", lambda v: _is_int(v) and v >= 2, "an integer of at least 2")
+    _check(config, "num_ways", lambda v: _is_count(v, 2), "an integer from 2 to 2**31 - 1")
     for name in ("num_inner_steps", "eval_inner_steps", "eval_every", "eval_report_step"):
-        _check(config, name, lambda v: _is_int(v) and v >= 0, "a non-negative integer")
+        _check(config, name, lambda v: _is_count(v, 0), "a non-negative integer below 2**31")
+    # A config file may set a switch to None or "False", which Python reads as false or true.
+    for name in ("adapt_norm", "remat", "download"):
+        _check(config, name, lambda v: isinstance(v, bool), "True or False")
     for name in ("seed", "split_seed"):
         _check(config, name, _is_seed, "an integer from 0 to 2**32 - 1")
     _check(

@@ -132,11 +132,12 @@ def cache_path(cache_dir: str | os.PathLike | None = None) -> Path:
     return directory / f"{DATASET_NAME}-{DATASET_VERSION}-{IMAGE_SIZE}.npz"
 
 
-def _how_to_provide() -> str:
-    return (
-        "provide the prepared TFDS data by setting --config.data_dir or TFDS_DATA_DIR, "
-        "or set --config.download=True to download it (preparing needs TensorFlow once)"
-    )
+def _how_to_provide(*, download: bool = False) -> str:
+    prepared = "provide the prepared TFDS data by setting --config.data_dir or TFDS_DATA_DIR"
+    if download:  # it was set, and the download failed (no network, say)
+        return prepared
+    fetch = "set --config.download=True to download it (preparing needs TensorFlow once)"
+    return f"{prepared}, or {fetch}"
 
 
 def _read_raw(data_dir: str | None, download: bool, *, cache: Path) -> dict[str, np.ndarray]:
@@ -198,7 +199,7 @@ def _read_raw(data_dir: str | None, download: bool, *, cache: Path) -> dict[str,
         what = "could not be downloaded to" if download else "is incomplete or unreadable in"
         raise DatasetNotFoundError(
             f"Omniglot {DATASET_VERSION} {what} {dataset_dir} "
-            f"({type(e).__name__}: {first_line}): {_how_to_provide()}."
+            f"({type(e).__name__}: {first_line}): {_how_to_provide(download=download)}."
         ) from e
     return _group_by_character(
         np.concatenate(images), np.asarray(labels), np.asarray(alphabets), dataset_dir
