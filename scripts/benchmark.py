@@ -28,6 +28,7 @@ import argparse
 import gzip
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -160,10 +161,7 @@ def build(args):
         except DatasetNotFoundError as e:
             message = str(e).replace("--config.data_dir", "--data-dir")
             # No flag here downloads it.
-            message = message.replace(
-                ", or set --config.download=True to download it (preparing needs TensorFlow once)",
-                "",
-            )
+            message = re.sub(r", or set --config\.download=True[^)]*\)", "", message)
             print(f"error: {message}", file=sys.stderr)
             sys.exit(2)
     rng = np.random.default_rng(args.seed)

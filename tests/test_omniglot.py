@@ -113,6 +113,17 @@ def test_a_failed_download_does_not_advise_downloading(tmp_path, monkeypatch):
     assert "could not be downloaded" in message and "(OSError: no network)" in message
     assert "TFDS_DATA_DIR" in message and "download=True" not in message
 
+    # A module TFDS's download imports but does not install: what to install, by name.
+    def missing_module(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'importlib_resources'")
+
+    monkeypatch.setattr(tfds, "data_source", missing_module)
+    with pytest.raises(omniglot.DatasetNotFoundError) as info:
+        omniglot.load_images(data_dir=tmp_path, download=True, cache_dir=tmp_path / "cache")
+    assert str(info.value).endswith(
+        "install what downloading needs: pip install tensorflow importlib_resources."
+    )
+
 
 @requires_data
 def test_incomplete_dataset_raises_clear_error(tmp_path):

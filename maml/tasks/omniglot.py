@@ -132,11 +132,18 @@ def cache_path(cache_dir: str | os.PathLike | None = None) -> Path:
     return directory / f"{DATASET_NAME}-{DATASET_VERSION}-{IMAGE_SIZE}.npz"
 
 
-def _how_to_provide(*, download: bool = False) -> str:
+# TensorFlow prepares the download once; TFDS's download path imports importlib_resources,
+# which TFDS does not install (the project's "download" extra, .[download], has both).
+_DOWNLOAD_NEEDS = "pip install tensorflow importlib_resources"
+
+
+def _how_to_provide(*, download: bool = False, error: Exception | None = None) -> str:
     prepared = "provide the prepared TFDS data by setting --config.data_dir or TFDS_DATA_DIR"
+    if download and isinstance(error, ImportError):  # TFDS downloads with optional modules
+        return f"{prepared}, or install what downloading needs: {_DOWNLOAD_NEEDS}"
     if download:  # it was set, and the download failed (no network, say)
         return prepared
-    fetch = "set --config.download=True to download it (preparing needs TensorFlow once)"
+    fetch = f"set --config.download=True to download it (after {_DOWNLOAD_NEEDS})"
     return f"{prepared}, or {fetch}"
 
 
@@ -199,7 +206,7 @@ def _read_raw(data_dir: str | None, download: bool, *, cache: Path) -> dict[str,
         what = "could not be downloaded to" if download else "is incomplete or unreadable in"
         raise DatasetNotFoundError(
             f"Omniglot {DATASET_VERSION} {what} {dataset_dir} "
-            f"({type(e).__name__}: {first_line}): {_how_to_provide(download=download)}."
+            f"({type(e).__name__}: {first_line}): {_how_to_provide(download=download, error=e)}."
         ) from e
     return _group_by_character(
         np.concatenate(images), np.asarray(labels), np.asarray(alphabets), dataset_dir
