@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from matplotlib import ticker
 from matplotlib.figure import Figure
 
 from maml import core
@@ -37,10 +38,31 @@ ALGORITHM_TITLES = {
 }
 
 
+class _PlainLogFormatter(ticker.LogFormatterSciNotation):
+    """Labels the ticks matplotlib's log axis labels, between 0.001 and 10000 as plain
+    numbers: ``0.3`` and ``40``, not ``3×10^-1`` and ``4×10^1``, which crowd an axis
+    spanning under a decade."""
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        label = super().__call__(x, pos)
+        return f"{x:g}" if label and 1e-3 <= x < 1e4 else label
+
+
+def _integer_x(ax: Any) -> None:
+    # AutoLocator's steps, without ticks between whole numbers (steps, counts).
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))
+
+
+def _log_y(ax: Any) -> None:
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(_PlainLogFormatter())
+    ax.yaxis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False))
+
+
 def training_curves(records: list[dict], path: Path) -> Figure | None:
     """One panel per logged metric against the meta-step (a null value, not finite
-    when logged, is a gap); metrics logged with the same values (a regression's loss
-    and mse) share one, titled ``"loss = mse"``."""
+    when logged, is a gap, marked with an x at the top edge); metrics logged with the
+    same values (a regression's loss and mse) share one, titled ``"loss = mse"``."""
     # Periodic metrics (validation) appear in some records only.
     keys = list(dict.fromkeys(k for r in records for k in r if k not in ("step", "wall_s")))
     if not keys:
@@ -63,15 +85,27 @@ def training_curves(records: list[dict], path: Path) -> Figure | None:
             marker="." if len(logged) < 30 else None,
         )
         finite = [r for r in logged if r[key] is not None and math.isfinite(r[key])]
+        steps = [r["step"] for r in logged if r[key] is None or not math.isfinite(r[key])]
+        if steps:  # as a gap only, the end of a diverged run would not show
+            ax.plot(
+                steps,
+                np.full(len(steps), 0.97),
+                "x",
+                color="tab:red",
+                transform=ax.get_xaxis_transform(),  # y in axes units: the top edge
+                label="not finite",
+            )
         if key.startswith("val_") and finite:  # the state in best_checkpoint/ (ties: the later)
             sign = 1 if key == "val_accuracy" else -1
             best = max(finite, key=lambda r: (sign * r[key], r["step"]))
             ax.plot(best["step"], best[key], "*", color="tab:red", ms=10, label="best")
+        if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="best", fontsize="small")
         ax.set_xlabel("meta-step")
+        _integer_x(ax)
         ax.set_title(" = ".join(names))
-        if key in ("loss", "mse", "grad_norm"):
-            ax.set_yscale("log")
+        if key in ("loss", "mse", "val_mse", "grad_norm"):  # val_mse: on the mse's scale
+            _log_y(ax)
     fig.tight_layout()
     save(fig, path)
     return fig
@@ -87,7 +121,7 @@ def sinusoid_adaptation(
     support = jax.tree.map(lambda a: a[0], episode["support"])
     x = jnp.linspace(*task.input_range, 200)[:, None]
     truth = task.ground_truth(episode["amplitude"], episode["phase"], x[None])[0]
-    fig = Figure(figsize=(5.5, 3.8))
+    fig = Figure(figsize=(7, 3.8))
     ax = fig.subplots()
     ax.plot(x, truth, color="tab:red", lw=2, label="ground truth")
     ax.plot(x, exp.apply_fn(params, x), ":", color="tab:green", label="pre-update")
@@ -113,7 +147,8 @@ def sinusoid_adaptation(
     algorithm = exp.config.get("algorithm", "maml")
     ax.set_title(f"{ALGORITHM_TITLES.get(algorithm, algorithm)}, K={support[0].shape[0]}")
     ax.set(xlabel="x", ylabel="y")
-    ax.legend(fontsize=7, loc="lower right")
+    # Beside the axes: inside, no corner stays clear of every task's curves and points.
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     save(fig, path)
     return fig
@@ -158,9 +193,10 @@ def adaptation_curves(evaluation: dict, path: Path) -> Figure:
     positive = [m for m in finite_means if m > 0]
     if metric == "mse" and positive and max(positive) > 100 * min(positive):
         # Tasks whose inner SGD blows up (means of 1e18 beside 0.1) flatten a linear axis.
-        ax.set_yscale("log")
+        _log_y(ax)
         metric += " (log scale)"
     ax.set_xlabel("inner gradient steps")
+    _integer_x(ax)
     ax.set_ylabel(metric)
     ax.set_title(f"{evaluation['num_tasks']} test tasks, 95% CI")
     ax.legend()

@@ -26,6 +26,7 @@ line and exit status 2.
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -35,6 +36,9 @@ from ml_collections import config_flags
 from maml import analysis, core, train
 
 import _common
+
+if TYPE_CHECKING:  # imported where plotted: matplotlib is slow to import
+    from matplotlib.figure import Figure
 
 CHECKPOINT = _common.define_checkpoint_flag()
 flags.adopt_module_key_flags(_common)  # --help lists --config, --workdir, ...
@@ -144,15 +148,15 @@ def analyze(exp, params, *, num_tasks, top_k, num_iters, num_probes, seed) -> di
     }
 
 
-def plot(report, path: Path) -> None:
+def plot(report, path: Path) -> "Figure":
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(13, 4.5))
     axes = fig.subplots(1, 2)
-    limit = 2.0 / report["inner_lr"]
+    limit, steps = 2.0 / report["inner_lr"], report["num_inner_steps"]
     for ax, name, title in (
         (axes[0], "support_loss", "pre-adaptation support loss"),
-        (axes[1], "meta_loss", f"meta-loss ({report['num_inner_steps']} inner steps)"),
+        (axes[1], "meta_loss", f"meta-loss ({steps} inner step{'s' if steps != 1 else ''})"),
     ):
         r = report[name]
         grid, density = np.asarray(r["grid"]), np.asarray(r["density"])
@@ -199,6 +203,7 @@ def plot(report, path: Path) -> None:
     )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    return fig
 
 
 def print_summary(report) -> None:

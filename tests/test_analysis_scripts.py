@@ -462,19 +462,29 @@ def test_time_and_memory_reports_compiled_sizes():
     assert analysis.compiled_memory(NoAnalysis()) is None
 
 
+def load_script(name, monkeypatch):
+    """scripts/NAME.py as a module, its flags unregistered again: both scripts define
+    --checkpoint (in _common), which absl refuses to define twice in one process."""
+    import importlib.util
+
+    from absl import flags
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))  # for its _common
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    script = importlib.util.module_from_spec(spec)
+    defined = set(flags.FLAGS)
+    spec.loader.exec_module(script)
+    for flag in set(flags.FLAGS) - defined:
+        delattr(flags.FLAGS, flag)
+    return script
+
+
 def test_curvature_of_frozen_leaves_is_of_the_adapted_leaves(monkeypatch):
     # A leaf the inner loop keeps fixed (inner rate 0: BatchNorm with adapt_norm=False)
     # is no direction inner SGD moves in: the support spectra leave it out.
-    import importlib.util
     import types
 
-    scripts = Path(__file__).resolve().parents[1] / "scripts"
-    monkeypatch.syspath_prepend(str(scripts))  # for its _common
-    spec = importlib.util.spec_from_file_location(
-        "analyze_curvature", scripts / "analyze_curvature.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("analyze_curvature", monkeypatch)
     adapted_only, traced = analysis.adapted_only, []
 
     def spy(loss_fn, params, inner_lr):
@@ -565,3 +575,42 @@ def test_curvature_takes_num_grid_points(x64):
     )(jnp.zeros(4), jax.random.key(0))
     assert result["grid"].shape == result["density"].shape == (37,)
     np.testing.assert_allclose(result["eigenvalues"], [4.0], rtol=1e-10)
+
+
+def test_analysis_plots_name_counts_right_and_hide_nothing(tmp_path, monkeypatch):
+    # "meta-loss (1 inner steps)"; ticks at 1.5 inner steps; and a backend without
+    # memory analysis left an empty memory panel that read as nothing measured at 0.
+    grid = np.linspace(-1.0, 30.0, 50)
+    spectrum = {"grid": grid, "density": np.exp(-(grid**2)), "eigenvalues": [20.0, 10.0]}
+    report = {
+        "config_name": "c",
+        "num_params": 10,
+        "step": 5,
+        "inner_lr": 0.01,
+        "num_inner_steps": 1,
+        "support_loss": spectrum,
+        "meta_loss": spectrum,
+        "per_task": [{"lambda_max": 25.0}],
+        "stability": {"ratio": 0.1},
+    }
+    fig = load_script("analyze_curvature", monkeypatch).plot(report, tmp_path / "c.png")
+    assert fig.axes[1].get_title() == "meta-loss (1 inner step)"
+    methods = {
+        name: {"median_s": 1e-3 * (i + 1), "memory": None}
+        for i, name in enumerate(analysis.METHODS)
+    }
+    pairs = ("exact/first_order", "exact/imaml", "first_order/imaml")
+    report = {
+        "config_name": "c",
+        "num_params": 10,
+        "params_source": "initial",
+        "results": [
+            {"num_inner_steps": n, "methods": methods, "cosine": dict.fromkeys(pairs, 0.5)}
+            for n in (1, 2, 5)
+        ],
+    }
+    fig = load_script("meta_gradient", monkeypatch).plot(report, tmp_path / "m.png")
+    for ax in (fig.axes[0], fig.axes[2]):
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    assert [t.get_text() for t in fig.axes[1].texts] == ["not reported by this backend"]

@@ -1020,6 +1020,49 @@ def test_figure_2_adapts_1_then_10_steps_in_all(tmp_path, monkeypatch):
     np.testing.assert_allclose(points.get_offsets(), np.stack([xs, ys], axis=1), rtol=1e-6)
 
 
+def test_figure_2_legend_covers_no_curve_or_support_point(tmp_path):
+    # Inside the axes (lower right) it hid support points and the truth of many tasks.
+    exp = train.build_experiment(tiny())
+    fig = plots.sinusoid_adaptation(exp, exp.init_params, jax.random.key(0), tmp_path / "a.png")
+    (ax,) = fig.axes
+    assert not ax.get_legend().get_window_extent().overlaps(ax.get_window_extent())
+    assert fig.get_tightbbox().x1 <= fig.get_size_inches()[0]  # and is not cut off
+
+
+def test_training_plot_marks_where_metrics_stopped_being_finite(tmp_path):
+    # A run that diverges ends in nulls: as gaps only, the curve just stopped (or, for a
+    # first chunk that diverged, an empty panel with a meta-step axis around 0).
+    records = [
+        {"step": 20, "loss": 2.0, "val_mse": 1.0},
+        {"step": 40, "loss": None, "val_mse": None},
+    ]
+    for logged, steps in ((records, [40]), (records[1:], [40])):
+        fig = plots.training_curves(logged, tmp_path / "t.png")
+        for ax in fig.axes:
+            (marks,) = [line for line in ax.get_lines() if line.get_label() == "not finite"]
+            assert list(marks.get_xdata()) == steps
+            assert ax.get_xlim()[0] < 40 < ax.get_xlim()[1]
+
+
+def test_plots_label_their_axes_readably(tmp_path):
+    # Steps are whole numbers (no ticks at 0.25 inner steps), and a log axis spanning
+    # under a decade reads 3, 4, 6, not 3×10^0, 4×10^0, 6×10^0.
+    results = {"5": {"inner_steps": [0, 1, 2], "mean": [4.0, 4.3, 4.5], "ci95": [1.4] * 3}}
+    fig = plots.adaptation_curves(
+        {"metric": "mse", "num_tasks": 20, "results": results}, tmp_path / "e.png"
+    )
+    (ax,) = fig.axes
+    ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert ticks == [0, 1, 2]
+    records = [{"step": s, "loss": 6.6 - s / 100, "val_mse": 3.7 - s / 200} for s in (20, 40, 400)]
+    fig = plots.training_curves(records, tmp_path / "t.png")
+    for ax in fig.axes:  # the val_mse on the same (log) scale as the training mse
+        assert ax.get_yscale() == "log"
+        labels = [t.get_text() for m in (False, True) for t in ax.get_yticklabels(minor=m)]
+        assert any(labels) and not any("times" in label for label in labels), labels
+    assert all(float(t) == int(t) for t in fig.axes[0].get_xticks())
+
+
 def test_a_validation_task_that_diverges_makes_the_validation_null(tmp_path, monkeypatch):
     # Not the mean of the others: a NaN validation ranks last for the best checkpoint.
     def curve(exp, task, **kwargs):
