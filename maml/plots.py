@@ -48,8 +48,8 @@ class _PlainLogFormatter(ticker.LogFormatterSciNotation):
         return f"{x:g}" if label and 1e-3 <= x < 1e4 else label
 
 
-def _integer_x(ax: Any) -> None:
-    # AutoLocator's steps, without ticks between whole numbers (steps, counts).
+def integer_x(ax: Any) -> None:
+    """Ticks ``ax``'s x axis at whole numbers only (steps, counts): AutoLocator's steps."""
     ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))
 
 
@@ -102,7 +102,7 @@ def training_curves(records: list[dict], path: Path) -> Figure | None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="best", fontsize="small")
         ax.set_xlabel("meta-step")
-        _integer_x(ax)
+        integer_x(ax)
         ax.set_title(" = ".join(names))
         if key in ("loss", "mse", "val_mse", "grad_norm"):  # val_mse: on the mse's scale
             _log_y(ax)
@@ -196,7 +196,7 @@ def adaptation_curves(evaluation: dict, path: Path) -> Figure:
         _log_y(ax)
         metric += " (log scale)"
     ax.set_xlabel("inner gradient steps")
-    _integer_x(ax)
+    integer_x(ax)
     ax.set_ylabel(metric)
     ax.set_title(f"{evaluation['num_tasks']} test tasks, 95% CI")
     ax.legend()

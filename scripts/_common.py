@@ -54,9 +54,9 @@ def fail(message: str) -> None:
 
 
 def _parse_flags(argv):
-    # The shell expands ~ in "--workdir ~/runs" but not in "--workdir=~/runs", which
-    # would write to a folder named ~ in the current directory (--config: not find it).
-    argv = [re.sub(r"^(--(?:config|workdir|output_dir)=)(~.*)", _home, a) for a in argv]
+    # The shell leaves the ~ of "--config=~/c.py" as it is: expanded before the parse
+    # that loads the file (the paths below, after it).
+    argv = [re.sub(r"^(--?config=)(~.*)", _home, a) for a in argv]
     try:
         argv = flags.FLAGS(argv)
     except flags.Error as e:
@@ -82,6 +82,11 @@ def _parse_flags(argv):
         fail(f"cannot load the --config file: {type(e).__name__}: {one_line(e)}")
     except Exception as e:  # the config file's own code failed (SyntaxError, ...)
         fail(f"cannot load the --config file: {type(e).__name__}: {one_line(e)}")
+    # The shell expands ~ in "--workdir ~/runs" but not in "--workdir=~/runs" (nor in
+    # a launcher's argument list), which would write to a folder named ~ here.
+    for name in ("workdir", "output_dir"):
+        if name in flags.FLAGS and flags.FLAGS[name].value:
+            flags.FLAGS[name].value = os.path.expanduser(flags.FLAGS[name].value)
     if len(argv) > 1:  # absl would drop it: "--config=PATH VARIANT" would train the default
         fail(
             f"unexpected argument {argv[1]!r}: the scripts take only flags "
@@ -218,8 +223,12 @@ def check_directory(path: Path, what: str, *, writable: bool = True) -> None:
 
 
 @contextlib.contextmanager
-def user_errors():
-    """Errors a user can cause (missing data, bad checkpoint) end in one line and exit 2."""
+def user_errors(
+    out_of_memory: str = "lower config.meta_batch_size (training) or config.eval_batch_size "
+    "(evaluation), or set config.remat=True",
+):
+    """Errors a user can cause (missing data, bad checkpoint) end in one line and exit 2;
+    running out of memory, with the advice ``out_of_memory`` (what sets the memory)."""
     from maml.train import CheckpointError, DivergedError
 
     # OSError: a file that cannot be read or written (a full disk, say).
@@ -241,8 +250,4 @@ def user_errors():
         if "RESOURCE_EXHAUSTED" not in str(e) and not memory:
             raise
         reason = memory[0] if memory else one_line(e).removeprefix("RESOURCE_EXHAUSTED: ")
-        fail(
-            f"out of memory: {reason.rstrip('.')}; lower "
-            "config.meta_batch_size (training) or config.eval_batch_size (evaluation), "
-            "or set config.remat=True"
-        )
+        fail(f"out of memory: {reason.rstrip('.')}; {out_of_memory}")

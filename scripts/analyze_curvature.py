@@ -151,6 +151,8 @@ def analyze(exp, params, *, num_tasks, top_k, num_iters, num_probes, seed) -> di
 def plot(report, path: Path) -> "Figure":
     from matplotlib.figure import Figure
 
+    from maml import plots
+
     fig = Figure(figsize=(13, 4.5))
     axes = fig.subplots(1, 2)
     limit, steps = 2.0 / report["inner_lr"], report["num_inner_steps"]
@@ -202,7 +204,7 @@ def plot(report, path: Path) -> "Figure":
         f"inner_lr * lambda_max / 2 = {report['stability']['ratio']:.3g}"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    plots.save(fig, path)
     return fig
 
 
@@ -246,7 +248,7 @@ def main(argv):
     workdir = flags.FLAGS.workdir
     output_dir = Path(_OUTPUT_DIR.value or workdir)
     _common.check_directory(output_dir, "--output_dir")
-    with _common.user_errors():
+    with _common.user_errors("lower --num_tasks"):
         changes = train.warn_of_config_changes(Path(workdir), config)
         exp, params, step = train.restore_params(config, workdir, CHECKPOINT.value)
         num_params = sum(x.size for x in jax.tree.leaves(params))

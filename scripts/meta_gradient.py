@@ -186,8 +186,9 @@ def print_table(report) -> None:
 
 
 def plot(report, path: Path) -> "Figure":
-    from matplotlib import ticker
     from matplotlib.figure import Figure
+
+    from maml import plots
 
     steps = [r["num_inner_steps"] for r in report["results"]]
     fig = Figure(figsize=(15, 4.2))
@@ -219,12 +220,12 @@ def plot(report, path: Path) -> "Figure":
         if ax.lines:
             ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))
+        plots.integer_x(ax)
     fig.suptitle(
         f"{report['config_name']} ({report['num_params']} params, {report['params_source']})"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    plots.save(fig, path)
     return fig
 
 
@@ -263,7 +264,9 @@ def main(argv):
     _common.check_directory(output_dir, "--output_dir")
     x64 = _X64.value if _X64.value is not None else config.model == "mlp"
     precision = "float64" if x64 else "float32"
-    with _common.user_errors():
+    # It measures every method, remat and not: config.remat would not help.
+    memory = "lower --num_tasks (unset: config.meta_batch_size) or the largest --inner_steps"
+    with _common.user_errors(memory):
         changes = train.warn_of_config_changes(Path(workdir), config) if workdir else []
         # The train split's tasks, on a mesh that does not split the meta-batch: this
         # script computes on one device, so any device count is fine.
@@ -272,7 +275,7 @@ def main(argv):
         train_key, _ = train.root_keys(config.seed)
         episode = exp.task.sample(jax.random.fold_in(train_key, 0), num_tasks)
         episode = {"support": episode["support"], "query": episode["query"]}
-    with _common.user_errors(), jax.enable_x64(x64):  # out of memory, at many inner steps
+    with _common.user_errors(memory), jax.enable_x64(x64):  # out of memory, at many inner steps
         dtype = jnp.float64 if x64 else jnp.float32
         params, episode = to_dtype(params, dtype), to_dtype(episode, dtype)
         results = measure(

@@ -249,6 +249,8 @@ def test_meta_gradient_out_of_memory_is_one_line(tmp_path):
     code, _, stderr = finish(process)
     assert code == 2 and "Traceback" not in stderr, stderr[-2000:]
     assert stderr.startswith("error: out of memory: ") and len(stderr.strip().splitlines()) == 1
+    # Its own flags: it measures remat and not, so config.remat=True would not help.
+    assert "lower --num_tasks" in stderr and "remat" not in stderr
 
 
 @pytest.mark.parametrize("seed", [-1, 2**32])
@@ -470,6 +472,10 @@ def load_script(name, monkeypatch):
     from absl import flags
 
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))  # for its _common
+    # Imported once per process: its flags (--config, --workdir) stay, for the other
+    # tests that parse them with it.
+    import _common  # noqa: F401
+
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     script = importlib.util.module_from_spec(spec)
     defined = set(flags.FLAGS)

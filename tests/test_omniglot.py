@@ -285,6 +285,10 @@ def test_grouping_keeps_each_characters_drawings_in_source_order():
     for c in (0, 700, 1622):
         assert out["images"][c, :, 0, 0].tolist() == np.flatnonzero(labels == c).tolist()
     np.testing.assert_array_equal(out["alphabet_ids"], np.arange(1623) % 50)
+    # Incomplete just after a download: downloading again is no advice.
+    with pytest.raises(omniglot.DatasetNotFoundError) as info:
+        omniglot._group_by_character(images[20:], labels[20:], alphabets[20:], "dir", download=True)
+    assert "is incomplete" in str(info.value) and "download=True" not in str(info.value)
 
 
 def test_images_shapes_and_pixel_convention(data):

@@ -748,6 +748,13 @@ def test_a_tilde_after_the_equals_sign_is_the_home_directory(tmp_path, monkeypat
         assert flags.FLAGS.config.num_steps == sinusoid.get_config("tiny").num_steps
     finally:
         flags.FLAGS.unparse_flags()
+    # absl's single dash, and a ~ no shell saw (a launcher's argument list, quotes).
+    for workdir in (["-workdir=~/runs/b"], ["--workdir", "~/runs/b"]):
+        try:
+            common._parse_flags(["train.py", "-config=~/mine.py:tiny", *workdir])
+            assert flags.FLAGS.workdir == str(tmp_path / "runs" / "b")
+        finally:
+            flags.FLAGS.unparse_flags()
     # The analysis scripts' --output_dir too.
     output_flags = flags.FlagValues()
     flags.DEFINE_string("output_dir", None, "", flag_values=output_flags)

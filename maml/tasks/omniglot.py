@@ -209,16 +209,23 @@ def _read_raw(data_dir: str | None, download: bool, *, cache: Path) -> dict[str,
             f"({type(e).__name__}: {first_line}): {_how_to_provide(download=download, error=e)}."
         ) from e
     return _group_by_character(
-        np.concatenate(images), np.asarray(labels), np.asarray(alphabets), dataset_dir
+        np.concatenate(images),
+        np.asarray(labels),
+        np.asarray(alphabets),
+        dataset_dir,
+        download=download,
     )
 
 
-def _group_by_character(images, labels, alphabets, dataset_dir) -> dict[str, np.ndarray]:
+def _group_by_character(
+    images, labels, alphabets, dataset_dir, *, download: bool = False
+) -> dict[str, np.ndarray]:
     counts = np.bincount(labels, minlength=NUM_CHARACTERS)
     if len(counts) != NUM_CHARACTERS or np.any(counts != NUM_DRAWINGS):
         raise DatasetNotFoundError(
             f"Omniglot in {dataset_dir} is incomplete: expected {NUM_DRAWINGS} drawings for each "
-            f"of {NUM_CHARACTERS} characters, got {len(labels)} images: {_how_to_provide()}."
+            f"of {NUM_CHARACTERS} characters, got {len(labels)} images: "
+            f"{_how_to_provide(download=download)}."
         )
     order = np.argsort(labels, kind="stable")  # stable: drawings keep their source order
     size = images.shape[-1]
