@@ -6,6 +6,7 @@ import os
 import resource
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import jax
@@ -432,6 +433,24 @@ def test_support_loss_is_the_mean_over_tasks(mlp64):
     )
 
 
+def test_finite_difference_error_is_relative_to_the_larger_derivative(x64):
+    # f = sum(p**2): central differences are exact, d/dv f = <2p, v> = 2 * 3 = 6.
+    f = lambda p: jnp.sum(p**2)  # noqa: E731
+    params, direction = jnp.array([1.0, 2.0]), jnp.array([1.0, 1.0])
+
+    def check(grads):
+        return analysis.finite_difference_check(f, params, grads, direction, eps=1e-3)
+
+    exact = check(2 * params)
+    assert exact["finite_difference"] == pytest.approx(6.0, rel=1e-9)
+    assert exact["analytic"] == 6.0 and exact["relative_error"] < 1e-9
+    # |6 - 3| / 6 and |6 - 12| / 12: the larger of the two scales, either way round.
+    assert check(params)["relative_error"] == pytest.approx(0.5, rel=1e-9)
+    assert check(4 * params)["relative_error"] == pytest.approx(0.5, rel=1e-9)
+    # A zero gradient is wholly wrong (error 1), not infinitely so.
+    assert check(jnp.zeros(2))["relative_error"] == pytest.approx(1.0, rel=1e-9)
+
+
 def test_cosine_similarity_and_stability():
     a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
     neg = jax.tree.map(jnp.negative, a)
@@ -464,6 +483,16 @@ def test_time_and_memory_reports_compiled_sizes():
     assert analysis.compiled_memory(NoAnalysis()) is None
 
 
+def test_time_and_memory_times_each_call_apart_from_the_compile(monkeypatch):
+    # A fake clock: the compile takes 10 s, the three calls 3, 1 and 1.5 s.
+    ticks = iter([0.0, 10.0, 10.0, 13.0, 13.0, 14.0, 14.0, 15.5])
+    clock = types.SimpleNamespace(perf_counter=lambda: next(ticks))
+    monkeypatch.setattr(analysis, "time", clock)  # analysis's clock only, not jax's
+    _, stats = analysis.time_and_memory(jnp.sin, jnp.ones(3), repeats=3)
+    assert stats["compile_s"] == 10.0 and stats["times_s"] == [3.0, 1.0, 1.5]
+    assert stats["median_s"] == 1.5  # not the first call's, nor the mean
+
+
 def load_script(name, monkeypatch):
     """scripts/NAME.py as a module, its flags unregistered again: both scripts define
     --checkpoint (in _common), which absl refuses to define twice in one process."""
@@ -488,8 +517,6 @@ def load_script(name, monkeypatch):
 def test_curvature_of_frozen_leaves_is_of_the_adapted_leaves(monkeypatch):
     # A leaf the inner loop keeps fixed (inner rate 0: BatchNorm with adapt_norm=False)
     # is no direction inner SGD moves in: the support spectra leave it out.
-    import types
-
     script = load_script("analyze_curvature", monkeypatch)
     adapted_only, traced = analysis.adapted_only, []
 

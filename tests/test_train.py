@@ -95,6 +95,26 @@ def test_each_algorithm_takes_its_own_meta_gradient(algorithm):
         assert same == (name == algorithm), name  # its own gradient and no other's
 
 
+def test_meta_loss_and_metrics_are_means_over_the_tasks():
+    exp = train.build_experiment(tiny(num_inner_steps=2))
+    episode = exp.task.sample(jax.random.key(3), 4)
+    loss, metrics, _ = jax.jit(lambda e: train.meta_loss_and_grad(exp, exp.init_params, e))(episode)
+    one_task = jax.jit(  # compiled once, called task by task
+        lambda support, query: train.task_loss_and_metrics(
+            exp, exp.init_params, support, query, num_inner_steps=2
+        )
+    )
+    per_task = [
+        one_task(*jax.tree.map(lambda a, t=t: a[t], (episode["support"], episode["query"])))
+        for t in range(4)
+    ]
+    losses = [float(task_loss) for task_loss, _ in per_task]
+    assert np.std(losses) > 0.1 * np.mean(losses)  # else any one task would pass
+    assert float(loss) == pytest.approx(np.mean(losses), rel=1e-5)
+    expected_mse = np.mean([float(task_metrics["mse"]) for _, task_metrics in per_task])
+    assert float(metrics["mse"]) == pytest.approx(expected_mse, rel=1e-5)
+
+
 @pytest.mark.parametrize("algorithm", ["fomaml", "pretrain"])
 def test_other_algorithms_train(tmp_path, algorithm):
     state = train.train_and_evaluate(
@@ -922,14 +942,24 @@ def test_train_step_is_adam_on_the_episode_of_its_step():
     assert int(new.step) == 8
 
 
+def test_training_and_evaluation_streams_differ():
+    # Same key, same tasks: validating on step s's training episode would not be fresh.
+    for seed in (0, 1):
+        train_key, eval_key = (jax.random.key_data(k) for k in train.root_keys(seed))
+        assert not np.array_equal(train_key, eval_key)
+
+
 def test_logs_are_chunk_means_and_validation_the_last_row_at_eval_inner_lr(tmp_path, monkeypatch):
-    calls = []
+    calls, keys = [], []
 
     def curve(exp, task, **kwargs):  # rows: before adaptation 9, after it 1
         calls.append(kwargs)
-        return lambda params, key, num_tasks: np.stack(
-            [np.full(num_tasks, 9.0), np.ones(num_tasks)]
-        )
+
+        def validation_curve(params, key, num_tasks):
+            keys.append(key)
+            return np.stack([np.full(num_tasks, 9.0), np.ones(num_tasks)])
+
+        return validation_curve
 
     monkeypatch.setattr(train, "make_adaptation_curve", curve)
     config = tiny(num_steps=50, eval_every=50, eval_inner_lr=0.5, eval_report_step=2)
@@ -938,6 +968,11 @@ def test_logs_are_chunk_means_and_validation_the_last_row_at_eval_inner_lr(tmp_p
     assert record["val_mse"] == 1.0  # after adaptation
     # Validated as reported (Finn's 3 test-time steps at 5-way), not as trained (1).
     assert calls[0]["inner_lr"] == 0.5 and calls[0]["num_inner_steps"] == 2
+    # Step 50's validation tasks are drawn from the evaluation stream, folded with the
+    # step: neither a training episode's key nor the same tasks at every validation.
+    (key,) = keys
+    expected = jax.random.fold_in(train.root_keys(0)[1], 50)
+    np.testing.assert_array_equal(jax.random.key_data(key), jax.random.key_data(expected))
     # The logged loss and gradient norm are the means over the chunk's 50 steps.
     exp = train.build_experiment(config)
     _, metrics = train.make_train_chunk(exp, train.root_keys(0)[0])(train.init_state(exp), 50)
