@@ -1,5 +1,6 @@
 """Shared test helpers."""
 
+import sys
 from pathlib import Path
 
 import jax
@@ -25,3 +26,20 @@ def cache_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("maml_cache")
     omniglot.load_images(data_dir=TFDS_DIR, cache_dir=directory)
     return directory
+
+
+@pytest.fixture
+def memory_capped():
+    """``memory_capped(argv)``: the command run with 8 GB of address space, set by a
+    Python that then execs it (``preexec_fn`` would fork this multithreaded JAX process,
+    which can deadlock the child)."""
+
+    def capped(argv, limit=8 * 2**30):
+        code = (
+            "import os, resource, sys; "
+            f"resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit})); "
+            "os.execv(sys.argv[1], sys.argv[1:])"
+        )
+        return [sys.executable, "-c", code, *map(str, argv)]
+
+    return capped
