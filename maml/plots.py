@@ -49,8 +49,12 @@ class _PlainLogFormatter(ticker.LogFormatterSciNotation):
 
 
 def integer_x(ax: Any) -> None:
-    """Ticks ``ax``'s x axis at whole numbers only (steps, counts): AutoLocator's steps."""
+    """Ticks ``ax``'s x axis at whole numbers only (steps, counts): AutoLocator's steps;
+    from 10,000 in thousands (``20k``), where five digits a tick ran together."""
     ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))
+    ax.xaxis.set_major_formatter(
+        ticker.FuncFormatter(lambda x, pos: f"{x / 1000:g}k" if abs(x) >= 1e4 else f"{x:g}")
+    )
 
 
 def _log_y(ax: Any) -> None:

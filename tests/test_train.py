@@ -1096,6 +1096,16 @@ def test_plots_label_their_axes_readably(tmp_path):
         labels = [t.get_text() for m in (False, True) for t in ax.get_yticklabels(minor=m)]
         assert any(labels) and not any("times" in label for label in labels), labels
     assert all(float(t) == int(t) for t in fig.axes[0].get_xticks())
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    # A 70,000-step run's labels, at 10,000 a tick, ran together (10000200003000040000...).
+    records = [{"step": s, "loss": 1.0, "grad_norm": 2.0} for s in range(1000, 70001, 1000)]
+    fig = plots.training_curves(records, tmp_path / "t.png")
+    FigureCanvasAgg(fig).draw()  # the labels' extents, as saved
+    for ax in fig.axes:
+        boxes = [t.get_window_extent() for t in ax.get_xticklabels() if t.get_text()]
+        assert len(boxes) >= 3
+        assert all(a.x1 + 5 < b.x0 for a, b in zip(boxes, boxes[1:], strict=False)), ax
 
 
 def test_a_validation_task_that_diverges_makes_the_validation_null(tmp_path, monkeypatch):
