@@ -118,9 +118,10 @@ def format_table(evaluation: dict) -> str:
         bad = [i for i, count in enumerate(r.get("nonfinite", [])) if count]
         if bad:
             last = len(r["nonfinite"]) - 1
+            steps = r["inner_steps"][last]
             lines.append(
                 f"K={k}: {r['nonfinite'][last]} of {evaluation['num_tasks']} tasks not finite "
-                f"(diverged) after {r['inner_steps'][last]} steps, first after "
+                f"(diverged) after {steps} step{'s' * (steps != 1)}, first after "
                 f"{r['inner_steps'][bad[0]]}; median then {r['median'][last]:.4g}"
             )
     return "\n".join(lines)

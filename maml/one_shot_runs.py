@@ -185,7 +185,7 @@ def format_table(result: dict, *, report_step: int | None = None) -> str:
         lines.append(f"{n:5d} | {100 * error:5.1f}% +- {100 * ci:4.1f}{mark}")
     step = result["inner_steps"][-1] if report_step is None else report_step
     cells = [f"{name} {100 * errors[step]:4.0f}%" for name, errors in result["runs"].items()]
-    lines.append(f"per run after {step} steps:")
+    lines.append(f"per run after {step} step{'s' * (step != 1)}:")
     lines.extend("  " + "  ".join(cells[i : i + 5]) for i in range(0, len(cells), 5))
     published = ", ".join(f"{k} {100 * v:.1f}%" for k, v in result["published"].items())
     lines.append(f"published ({result['published_source']}): {published}")

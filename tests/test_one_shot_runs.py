@@ -274,7 +274,7 @@ def test_table_shows_the_ci_and_each_run_at_the_report_step():
     }
     table = one_shot_runs.format_table(result, report_step=1)
     assert "50.0% +-  3.0" in table and "25.0% +-  2.0  <- report step" in table
-    assert "per run after 1 steps" in table and "run01   30%" in table
+    assert "per run after 1 step" in table and "run01   30%" in table
 
 
 def test_inner_rates_keep_frozen_leaves_frozen():

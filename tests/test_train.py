@@ -648,7 +648,7 @@ def test_summary_counts_diverged_tasks_and_keeps_the_median_finite():
     table = evaluate.format_table(
         {"metric": "mse", "num_tasks": 5, "results": {"5": {"inner_steps": [0, 1], **s}}}
     )
-    assert "K=5: 2 of 5 tasks not finite (diverged) after 1 steps, first after 1" in table
+    assert "K=5: 2 of 5 tasks not finite (diverged) after 1 step, first after 1" in table
     # The first step with a diverged task, not the last; each cell is mean +- CI.
     s = train.summarize(np.array([[1.0, 2.0, 3.0], [1.0, np.inf, 3.0], [np.inf, np.inf, 3.0]]))
     table = evaluate.format_table(
@@ -671,7 +671,7 @@ def test_table_shows_zero_with_four_decimals_and_the_median_of_the_last_step():
     table = evaluate.format_table(
         {"metric": "mse", "num_tasks": 3, "results": {"5": {"inner_steps": [0, 1], **s}}}
     )
-    assert table.endswith("after 1 steps, first after 1; median then 6")
+    assert table.endswith("after 1 step, first after 1; median then 6")
 
 
 def test_evaluate_without_checkpoint_fails_clearly(tmp_path):
