@@ -18,16 +18,12 @@ if TYPE_CHECKING:  # maml.train imports this module
 
 
 def save(fig: Figure, path: Path) -> None:
-    """Writes ``fig`` to ``path`` through a temporary file beside it and a rename: a
-    run interrupted while drawing leaves no half-written image for the next run to
-    take for a finished one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or None)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Writes ``fig`` to ``path`` through ``train.write_atomic``: a run interrupted while
+    drawing leaves no half-written image for the next run to take for a finished one."""
+    from maml.train import write_atomic  # maml.train imports this module
+
+    fmt = Path(path).suffix.lstrip(".") or None
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format=fmt))
 
 
 ALGORITHM_TITLES = {

@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import json
 import math
+import re
 import signal
 import sys
 import threading
@@ -500,16 +501,37 @@ def finite_or_null(tree: Any) -> Any:
     return tree
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file beside it and a rename, so that
-    a write that fails (a full disk) leaves the file as it was, not empty or cut short."""
+def out_of_memory_reason(error: Exception) -> str | None:
+    """One line saying what memory ``error`` could not get, or None for any other error.
+    Memory the compiler cannot get is RESOURCE_EXHAUSTED; memory a running call cannot
+    get is an INTERNAL error ("Error dispatching computation: ..." thrice)."""
+    message = str(error)
+    memory = re.search(r"Out of memory allocating \d+ bytes", message)
+    if memory:
+        return memory[0]
+    if "RESOURCE_EXHAUSTED" not in message:
+        return None
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    reason = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
+    return reason.removeprefix("RESOURCE_EXHAUSTED: ").rstrip(".")
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Calls ``write`` on a temporary file beside ``path``, then renames it to ``path``: a
+    write that fails (a full disk) or is interrupted leaves the file as it was, never empty
+    or cut short for the next run to take for a finished one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(text)
+        write(tmp)
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` through ``write_atomic``."""
+    write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def write_json(path: Path, tree: Any) -> None:

@@ -53,6 +53,14 @@ def fail(message: str) -> None:
     os._exit(2)
 
 
+def check_count(name: str, value: int, *, least: int = 1) -> None:
+    """Fails unless the flag ``--name``'s ``value`` is an integer from ``least`` to
+    2**31 - 1: JAX counts tasks, steps and loops in 32-bit integers."""
+    if not least <= value < 2**31:
+        kind = "a positive integer" if least == 1 else "a non-negative integer"
+        fail(f"--{name}={value} must be {kind} below 2**31")
+
+
 def _parse_flags(argv):
     # The shell leaves the ~ of "--config=~/c.py" as it is: expanded before the parse
     # that loads the file (the paths below, after it).
@@ -229,10 +237,10 @@ def user_errors(
 ):
     """Errors a user can cause (missing data, bad checkpoint) end in one line and exit 2;
     running out of memory, with the advice ``out_of_memory`` (what sets the memory)."""
-    from maml.train import CheckpointError, DivergedError
+    from maml import train
 
     # OSError: a file that cannot be read or written (a full disk, say).
-    errors = (CheckpointError, ConfigError, DivergedError, OSError)
+    errors = (train.CheckpointError, ConfigError, train.DivergedError, OSError)
     try:
         from maml.tasks.omniglot import DatasetNotFoundError
 
@@ -244,10 +252,7 @@ def user_errors(
     except errors as e:
         fail(str(e))
     except Exception as e:
-        # Memory the compiler cannot get is RESOURCE_EXHAUSTED; memory a running call
-        # cannot get is an INTERNAL error ("Error dispatching computation: ..." thrice).
-        memory = re.search(r"Out of memory allocating \d+ bytes", str(e))
-        if "RESOURCE_EXHAUSTED" not in str(e) and not memory:
+        reason = train.out_of_memory_reason(e)
+        if reason is None:
             raise
-        reason = memory[0] if memory else one_line(e).removeprefix("RESOURCE_EXHAUSTED: ")
-        fail(f"out of memory: {reason.rstrip('.')}; {out_of_memory}")
+        fail(f"out of memory: {reason}; {out_of_memory}")

@@ -339,10 +339,12 @@ def main(argv=None):
     try:
         result, timed, profiled = time_ours(args)
     except jax.errors.JaxRuntimeError as e:
-        if "RESOURCE_EXHAUSTED" not in str(e) and "Out of memory" not in str(e):
+        reason = train.out_of_memory_reason(e)
+        if reason is None:
             raise
         print(
-            f"error: out of memory at --task-num={args.task_num}: lower it, or pass --remat",
+            f"error: out of memory at --task-num={args.task_num} ({reason}): lower it, "
+            "or pass --remat",
             file=sys.stderr,
         )
         sys.exit(2)

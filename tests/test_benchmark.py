@@ -198,7 +198,8 @@ def test_benchmark_out_of_memory_is_one_line(monkeypatch, capsys):
     assert info.value.code == 2
     assert (
         capsys.readouterr().err
-        == "error: out of memory at --task-num=4096: lower it, or pass --remat\n"
+        == "error: out of memory at --task-num=4096 (Out of memory allocating 9 bytes): "
+        "lower it, or pass --remat\n"
     )
 
 
