@@ -241,8 +241,7 @@ def main(argv):
         ("lanczos_iters", _LANCZOS_ITERS),
         ("num_probes", _NUM_PROBES),
     ):
-        if flag.value < 1:
-            _common.fail(f"--{name}={flag.value} must be a positive integer")
+        _common.check_count(name, flag.value)
     if _TOP_K.value > _LANCZOS_ITERS.value:
         _common.fail(f"--top_k={_TOP_K.value} must not exceed --lanczos_iters")
     workdir = flags.FLAGS.workdir

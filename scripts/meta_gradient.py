@@ -246,13 +246,14 @@ def main(argv):
         inner_steps = [int(s) for s in _INNER_STEPS.value]
     except ValueError:
         inner_steps = [-1]
-    if not inner_steps or min(inner_steps) < 0:
-        _common.fail(f"--inner_steps={','.join(_INNER_STEPS.value)} must be non-negative integers")
+    if not inner_steps or not 0 <= min(inner_steps) <= max(inner_steps) < 2**31:
+        _common.fail(
+            f"--inner_steps={','.join(_INNER_STEPS.value)} must be non-negative integers "
+            "below 2**31"
+        )
     num_tasks = config.meta_batch_size if _NUM_TASKS.value is None else _NUM_TASKS.value
-    if num_tasks < 1:
-        _common.fail(f"--num_tasks={num_tasks} must be a positive integer")
-    if _REPEATS.value < 1:
-        _common.fail(f"--repeats={_REPEATS.value} must be a positive integer")
+    _common.check_count("num_tasks", num_tasks)
+    _common.check_count("repeats", _REPEATS.value)
     if not 0 < _FD_EPS.value < math.inf:
         _common.fail(f"--fd_eps={_FD_EPS.value} must be a positive number")
     if flags.FLAGS.cpu_devices is not None:

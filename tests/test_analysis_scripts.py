@@ -219,6 +219,9 @@ def test_analysis_without_checkpoint_exits_2(tmp_path, script, which, expected):
     "flag, expected",
     [
         ("--num_tasks=0", "--num_tasks=0 must be a positive integer"),
+        # JAX counts in 32-bit integers: 2**31 overflows them.
+        ("--num_tasks=2147483648", "--num_tasks=2147483648 must be a positive integer below"),
+        ("--inner_steps=1,2147483648", "--inner_steps=1,2147483648 must be non-negative"),
         ("--fd_eps=0", "--fd_eps=0.0 must be a positive number"),
         ("--fd_eps=inf", "--fd_eps=inf must be a positive number"),
         ("--cpu_devices=2", "--cpu_devices: meta_gradient.py computes on one device"),
@@ -250,6 +253,13 @@ def test_meta_gradient_out_of_memory_is_one_line(tmp_path, memory_capped):
     assert stderr.startswith("error: out of memory: ") and len(stderr.strip().splitlines()) == 1
     # Its own flags: it measures remat and not, so config.remat=True would not help.
     assert "lower --num_tasks" in stderr and "remat" not in stderr
+
+
+@pytest.mark.parametrize("flag", ["--num_tasks=0", "--lanczos_iters=2147483648"])
+def test_analyze_curvature_refuses_a_count_out_of_range(tmp_path, flag):
+    code, _, stderr = finish(start("analyze_curvature.py", f"--workdir={tmp_path}", flag))
+    assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert stderr.startswith(f"error: {flag} must be a positive integer below 2**31")
 
 
 @pytest.mark.parametrize("seed", [-1, 2**32])
