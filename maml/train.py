@@ -81,7 +81,7 @@ class Experiment:
         for the leaves the config keeps out of the inner loop."""
         if self.config.get("adapt_norm", True):
             return rate
-        # Finn's Omniglot code left BatchNorm scale and offset out of the inner loop.
+        # Finn's Omniglot code left BatchNorm (an offset, no scale) out of the inner loop.
         return jax.tree_util.tree_map_with_path(
             lambda path, _: 0.0 if _is_norm_param(path) else rate, self.init_params
         )

@@ -180,7 +180,10 @@ def test_sinusoid_variants_combine_and_conflicts_are_refused():
     "module, variants",
     [
         (sinusoid, ("k5", "k20", "pretrain", "fomaml", "tiny")),
-        (omniglot_configs, (*omniglot_configs.SHAPES, "fomaml", "imaml", "background", "tiny")),
+        (
+            omniglot_configs,
+            (*omniglot_configs.SHAPES, "fomaml", "imaml", "background", "finn_lr", "tiny"),
+        ),
     ],
 )
 def test_an_unknown_variant_is_refused_naming_the_variants_there_are(module, variants):
@@ -335,6 +338,19 @@ def test_variants_carry_their_settings(module, variant, expected):
     config = module.get_config(variant)
     validate(config)
     assert {field: config[field] for field in expected} == expected
+
+
+@pytest.mark.parametrize("shape", omniglot_configs.SHAPES)
+def test_finn_lr_takes_the_inner_steps_of_finns_code(shape):
+    # cbfinn/maml's inner loss summed the support cross-entropies and divided by K: N times
+    # the mean ours takes, so its 0.4 (5-way) and 0.1 (20-way) were steps of 2.0 on ours.
+    plain = omniglot_configs.get_config(shape).to_dict()
+    for variant in (f"{shape},finn_lr", f"finn_lr,{shape},fomaml"):
+        config = omniglot_configs.get_config(variant)
+        validate(config)
+        assert (config.inner_lr, config.eval_inner_lr) == (2.0, 2.0)
+        changed = {k for k, v in config.to_dict().items() if plain[k] != v}
+        assert changed <= {"inner_lr", "eval_inner_lr", "algorithm"}, changed
 
 
 def test_omniglots_default_variant_is_5way1shot():

@@ -4,15 +4,31 @@ Variants (``--config=maml/configs/omniglot.py:VARIANT``): ``5way1shot``
 (default), ``5way5shot``, ``20way1shot``, ``20way5shot``; append ``,fomaml``
 for first-order MAML, ``,imaml`` for implicit MAML, ``,background`` to train
 on Lake et al.'s background alphabets only (TFDS ``train``) and test on the
-evaluation alphabets; ``tiny`` is a seconds-long run for tests.
+evaluation alphabets, ``,finn_lr`` for the inner steps of Finn's code (below);
+``tiny`` is a seconds-long run for tests.
 
 As in cbfinn/maml: 5-way trains with 1 inner step at inner lr 0.4,
 meta-batch 32, and is tested with 3 steps; 20-way trains and tests with 5
 steps at inner lr 0.1, meta-batch 16; Adam 1e-3; 60,000 meta-iterations; as
 many query drawings per class as support drawings; every class of a task
 rotated by a random multiple of 90 degrees; BatchNorm always on the batch's
-own statistics. One difference by default: BatchNorm's scale and offset adapt
-in the inner loop (``adapt_norm``; Finn's code kept them out of it).
+own statistics.
+
+Differences from Finn's code (cbfinn/maml), by default:
+
+* The inner loss is the mean cross-entropy over the N*K support images. Finn's
+  ``utils.xent`` summed it over them and divided by K: N times the mean, so
+  his inner lr 0.4 (5-way) and 0.1 (20-way) are steps of 2.0 on this loss for
+  every shape. ``,finn_lr`` takes his steps (``inner_lr`` and ``eval_inner_lr``
+  times ``num_ways``); the meta-loss's scale does not matter to Adam.
+* BatchNorm has a scale and an offset, and both adapt in the inner loop
+  (``adapt_norm``). Finn's BatchNorm (``tf.contrib.layers.batch_norm``'s
+  defaults) had an offset only, outside the inner loop, and epsilon 1e-3.
+* Images are resized with antialiasing (grey levels). Finn's PIL LANCZOS
+  resize of the 1-bit PNGs fell back to nearest neighbour (PIL does so for
+  mode "1"), so his 28x28 images are binary.
+* Kernels start LeCun-normal; Finn's convolutions started Glorot-uniform and
+  his output layer standard-normal (std 1).
 """
 
 import ml_collections
@@ -56,8 +72,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.meta_batch_size = 32
     c.inner_lr = 0.4
     c.num_inner_steps = 1
-    # BatchNorm scale and offset adapt in the inner loop; False reproduces Finn's code,
-    # which kept them out of it.
+    # BatchNorm scale and offset adapt in the inner loop; False keeps them out of it, as
+    # Finn's code kept its BatchNorm offset (it had no scale).
     c.adapt_norm = True
     c.remat = False
     c.outer_lr = 1e-3
@@ -94,6 +110,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
             c.algorithm = part
         elif part == "background":
             c.split_protocol = "background"
+        elif part == "finn_lr":
+            pass  # after the loop, once the shape has set the rates
         elif part == "tiny":
             c.num_steps = 4
             c.meta_batch_size = 2
@@ -108,6 +126,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         else:
             raise ValueError(
                 f"unknown omniglot config variant {part!r}: join with commas one of "
-                f"{', '.join(SHAPES)} and any of fomaml or imaml, background, tiny"
+                f"{', '.join(SHAPES)} and any of fomaml or imaml, background, finn_lr, tiny"
             )
+    if "finn_lr" in parts:
+        # Finn's inner loss was N times the mean this config's tasks take.
+        c.inner_lr *= c.num_ways
+        c.eval_inner_lr *= c.num_ways
     return c
