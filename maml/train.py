@@ -645,6 +645,18 @@ def _truncate_metrics(path: Path, step: int) -> None:
         write_text_atomic(path, text)
 
 
+def _validation_missed(
+    config: ml_collections.ConfigDict, metrics_path: Path, step: int, name: str
+) -> bool:
+    """Whether ``step`` was due a validation that its log line lacks (an interrupt
+    during it: the step is logged and saved without it)."""
+    every = config.get("eval_every", 0)
+    if not every or step == 0 or step % every:
+        return False
+    logged = [r for r in _read_metrics(metrics_path) if r["step"] == step]
+    return bool(logged) and name not in logged[-1]
+
+
 def _any_process(flag: bool) -> bool:
     """Whether ``flag`` is set in any process (a collective: every process must call it)."""
     return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
@@ -780,7 +792,14 @@ def _train_and_evaluate(
             "to resume with these."
         )
     restored = restore_latest(manager, state)
-    if restored is not None and int(restored.step) >= config.num_steps:
+    metrics_path = workdir / "metrics.jsonl"
+    # An interrupt during a validation logs and saves its step without it: validated on
+    # resuming, so that the best checkpoint misses none.
+    val_name = f"val_{exp.task.metric}"
+    missed = restored is not None and _any_process(
+        is_main and _validation_missed(config, metrics_path, int(restored.step), val_name)
+    )
+    if restored is not None and int(restored.step) >= config.num_steps and not missed:
         # config.json keeps the settings that trained the run to its step.
         if is_main:
             print(
@@ -791,11 +810,11 @@ def _train_and_evaluate(
             # A run interrupted while drawing its last plots trained to the end.
             _end_plots(exp, restored.params, eval_key, workdir, stale_only=True)
         return restored
-    metrics_path = workdir / "metrics.jsonl"
     if restored is not None:
         state = restored
         if is_main:  # else a resumed run looks like a fresh one until its bar is drawn
-            print(f"resuming from the checkpoint at step {int(state.step)}", file=sys.stderr)
+            first = " (validating it first: an interrupt cut its validation short)" * missed
+            print(f"resuming from the checkpoint at step {int(state.step)}{first}", file=sys.stderr)
         if changed and is_main:
             kept = workdir / f"config.step{int(state.step)}.json"
             # An existing one trained the steps up to this checkpoint; config.json
@@ -922,6 +941,16 @@ def _train_and_evaluate(
             if keep_best:
                 best.wait_until_finished()
 
+    def validate(params, step) -> float:
+        curve = validation_curve(
+            params, jax.random.fold_in(eval_key, step), num_tasks=config.num_val_tasks
+        )
+        return float(curve[-1].mean())
+
+    def keep_if_best(step, state, value) -> None:
+        # Kept only while it is the best validation so far.
+        best.save(step, args=ocp.args.StandardSave(state), metrics={val_name: value})
+
     logged, metrics = start, None
     # With several processes a signal reaches one (Ctrl-C on one host) or each at
     # its own moment (a scheduler), but the steps, the validation and the saves are
@@ -933,6 +962,15 @@ def _train_and_evaluate(
     # to each process, a moment apart) would abort one process's part of it.
     with _signals_deferred() if multiprocess else contextlib.nullcontext([]) as received:
         try:
+            if missed:
+                value = validate(state.params, start)
+                with deferred(), saving():
+                    keep_if_best(start, state, value)
+                    if is_main:
+                        records = _read_metrics(metrics_path)
+                        records[-1][val_name] = value
+                        lines = [json.dumps(finite_or_null(r), allow_nan=False) for r in records]
+                        write_text_atomic(metrics_path, "".join(line + "\n" for line in lines))
             while int(state.step) < config.num_steps:
                 step = int(state.step)
                 # Chunks end on multiples of log_every, so a resumed run replays the
@@ -965,21 +1003,11 @@ def _train_and_evaluate(
                         f"{step - num + bad + 1}; nothing after it was saved, {then}"
                     )
                 if val_task is not None and step % config.eval_every == 0:
-                    curve = validation_curve(
-                        state.params,
-                        jax.random.fold_in(eval_key, step),
-                        num_tasks=config.num_val_tasks,
-                    )
-                    record[f"val_{val_task.metric}"] = float(curve[-1].mean())
+                    record[val_name] = validate(state.params, step)
                 # An interrupt inside orbax's save would surface as its traceback.
                 with deferred(), saving():
-                    if keep_best and f"val_{val_task.metric}" in record:
-                        # Kept only while it is the best validation so far.
-                        best.save(
-                            step,
-                            args=ocp.args.StandardSave(state),
-                            metrics={f"val_{val_task.metric}": record[f"val_{val_task.metric}"]},
-                        )
+                    if keep_best and val_name in record:
+                        keep_if_best(step, state, record[val_name])
                     log(record)
                     logged = step
                     if step % config.checkpoint_every == 0 or step == config.num_steps:

@@ -202,7 +202,9 @@ def test_ctrl_c_inside_the_chunk_call_after_donation_loses_nothing(tmp_path, mon
     jax.tree.map(np.testing.assert_array_equal, resumed.params, full.params)
 
 
-def test_ctrl_c_during_validation_still_logs_the_chunk(tmp_path, monkeypatch):
+# Validations at 50, 100, 150, 200 (the last step); checkpoints every 100.
+@pytest.mark.parametrize("stop", [150, 200])
+def test_ctrl_c_during_validation_validates_on_resuming(tmp_path, monkeypatch, capsys, stop):
     def config():
         return tiny(eval_every=50, num_val_tasks=4)
 
@@ -212,13 +214,13 @@ def test_ctrl_c_during_validation_still_logs_the_chunk(tmp_path, monkeypatch):
     def make_interrupted_curve(*args, **kwargs):
         validate = make_curve(*args, **kwargs)
 
-        def interrupted_at_150(*args, **kwargs):
+        def interrupted(*args, **kwargs):
             calls.append(None)
-            if len(calls) == 3:  # validations at 50, 100, 150; checkpoints every 100
+            if len(calls) == stop // 50:
                 raise KeyboardInterrupt
             return validate(*args, **kwargs)
 
-        return interrupted_at_150
+        return interrupted
 
     monkeypatch.setattr(train, "make_adaptation_curve", make_interrupted_curve)
     with pytest.raises(KeyboardInterrupt):
@@ -229,12 +231,21 @@ def test_ctrl_c_during_validation_still_logs_the_chunk(tmp_path, monkeypatch):
         return [json.loads(s) for s in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
 
     last = records("resumed")[-1]
-    assert last["step"] == 150 and "val_mse" not in last  # the chunk's line, without its validation
+    # The chunk's line, without its validation.
+    assert last["step"] == stop and "val_mse" not in last
+    capsys.readouterr()
+    runs = "full", "resumed"
     train.train_and_evaluate(config(), tmp_path / "resumed")
-    dropped = ("wall_s", "val_mse")
-    assert [{k: v for k, v in r.items() if k not in dropped} for r in records("resumed")] == [
-        {k: v for k, v in r.items() if k not in dropped} for r in records("full")
+    assert f"step {stop} (validating it first" in capsys.readouterr().err
+    # The same log, validations included, and the same best checkpoint.
+    assert [{k: v for k, v in r.items() if k != "wall_s"} for r in records("resumed")] == [
+        {k: v for k, v in r.items() if k != "wall_s"} for r in records("full")
     ]
+    best = [sorted(p.name for p in (tmp_path / r / "best_checkpoint").iterdir()) for r in runs]
+    assert best[0] == best[1]
+    # Validated once: a rerun finds nothing to train.
+    train.train_and_evaluate(config(), tmp_path / "resumed")
+    assert "nothing to train" in capsys.readouterr().err
 
 
 def test_checkpoint_managers_close_however_training_ends(tmp_path, monkeypatch):
