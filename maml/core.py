@@ -65,8 +65,13 @@ def sgd_step(
     grads = jax.grad(loss_fn)(params, batch)
     if first_order:
         grads = jax.lax.stop_gradient(grads)
+    # Each leaf keeps its dtype: a float64 rate (a NumPy scalar under x64) would
+    # promote a float32 leaf, which a lax.scan or fori_loop carry refuses.
     return jax.tree.map(
-        lambda p, g, lr: p - lr * g, params, grads, per_leaf_rates(inner_lr, params)
+        lambda p, g, lr: (p - lr * g).astype(jnp.result_type(p)),
+        params,
+        grads,
+        per_leaf_rates(inner_lr, params),
     )
 
 

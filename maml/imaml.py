@@ -84,8 +84,13 @@ def adapt_proximal(
 
     def step(_, phi):
         grads = jax.grad(loss_fn)(phi, support)
+        # Each leaf keeps its dtype whatever the dtype of the rates and lam (as in core.sgd_step).
         return jax.tree.map(
-            lambda p, g, t, r: p - r * (g + lam * (p - t)), phi, grads, params, rates
+            lambda p, g, t, r: (p - r * (g + lam * (p - t))).astype(p.dtype),
+            phi,
+            grads,
+            params,
+            rates,
         )
 
     return jax.lax.fori_loop(0, num_inner_steps, step, params)
@@ -158,12 +163,16 @@ def imaml_loss_and_grad(
 
     def masked_matvec(v):
         hv = adapted(second_order.hvp(support_loss, phi, adapted(v)))
-        return jax.tree.map(lambda vi, hvi: vi + hvi / lam, v, hv)
+        return jax.tree.map(lambda vi, hvi: (vi + hvi / lam).astype(vi.dtype), v, hv)
 
     g = second_order.conjugate_gradient(masked_matvec, adapted(query_grad), num_iters=num_cg_steps)
     hg = second_order.hvp(support_loss, phi, g)
     meta_grad = jax.tree.map(
-        lambda gi, qi, hgi, r: jnp.where(r != 0, gi, qi - hgi / lam), g, query_grad, hg, rates
+        lambda gi, qi, hgi, r: jnp.where(r != 0, gi, qi - hgi / lam).astype(gi.dtype),
+        g,
+        query_grad,
+        hg,
+        rates,
     )
     return query_loss, meta_grad
 

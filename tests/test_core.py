@@ -263,3 +263,29 @@ def test_adaptation_trajectory_of_zero_steps_is_the_initial_measure(x64):
         maml.core.adaptation_trajectory(
             loss_fn, measure, params, support, inner_lr=INNER_LR, num_inner_steps=-1
         )
+
+
+@pytest.mark.parametrize("per_leaf", [False, True])
+def test_float64_rates_keep_float32_params_float32(x64, per_leaf):
+    # A NumPy float64 rate is not weakly typed: under x64, p - lr * g made the adapted
+    # leaves float64, and the lax.scan of adaptation_trajectory refused its carry.
+    apply_fn, params = mlp(jnp.float32, sizes=(1, 4, 1))
+    loss_fn = mse_loss(apply_fn)
+    support = regression_data(jax.random.key(1), 5, jnp.float32)
+    rate = np.float64(0.1)
+    inner_lr = jax.tree.map(lambda _: rate, params) if per_leaf else rate
+    adapted = maml.adapt(loss_fn, params, support, inner_lr=inner_lr, num_inner_steps=2)
+    assert {x.dtype for x in jax.tree.leaves(adapted)} == {jnp.dtype(jnp.float32)}
+    expected = maml.adapt(loss_fn, params, support, inner_lr=0.1, num_inner_steps=2)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), adapted, expected
+    )
+    trajectory = maml.core.adaptation_trajectory(
+        loss_fn,
+        lambda p: loss_fn(p, support),
+        params,
+        support,
+        inner_lr=inner_lr,
+        num_inner_steps=2,
+    )
+    np.testing.assert_allclose(trajectory[-1], loss_fn(expected, support), rtol=1e-5)

@@ -255,3 +255,36 @@ def test_adapt_proximal_takes_exactly_num_inner_steps(num_inner_steps):
         quadratic_loss, theta, support, inner_lr=lr, num_inner_steps=num_inner_steps, lam=lam
     )
     np.testing.assert_allclose(ours, phi, rtol=1e-13, atol=1e-15)
+
+
+def test_float64_rate_and_lam_keep_float32_params_float32():
+    # NumPy float64 scalars are not weakly typed: under x64 they made the float32
+    # fori_loop carries (the proximal steps, CG) float64, and the loops refused them.
+    support, query = jax.tree.map(lambda a: a.astype(jnp.float32), quadratic_task(4, seed=0))
+    theta = jnp.linspace(-1.0, 1.0, 4, dtype=jnp.float32)
+    kwargs = dict(num_inner_steps=200, num_cg_steps=4)
+    loss, grad = imaml.imaml_loss_and_grad(
+        quadratic_loss,
+        theta,
+        support,
+        query,
+        inner_lr=np.float64(0.1),
+        lam=np.float64(1.0),
+        **kwargs,
+    )
+    assert loss.dtype == grad.dtype == jnp.float32
+    expected = imaml.imaml_loss_and_grad(
+        quadratic_loss, theta, support, query, inner_lr=0.1, lam=1.0, **kwargs
+    )[1]
+    np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)
+    # A leaf the inner loop does not adapt takes the other branch of the meta-gradient.
+    params = {"a": theta, "b": jnp.zeros((), jnp.float32)}
+
+    def loss_fn(p, batch):
+        return quadratic_loss(p["a"], batch) + p["b"] * jnp.sum(p["a"])
+
+    rates = {"a": np.float64(0.1), "b": np.float64(0.0)}
+    _, grads = imaml.imaml_loss_and_grad(
+        loss_fn, params, support, query, inner_lr=rates, lam=np.float64(1.0), **kwargs
+    )
+    assert {x.dtype for x in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
