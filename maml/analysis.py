@@ -193,7 +193,7 @@ def device_peak_bytes() -> int | None:
     return None if peak is None else int(peak)
 
 
-def time_and_memory(fn: Callable, *args, repeats: int) -> tuple[Any, dict[str, Any]]:
+def time_and_memory(fn: Callable, *args: Any, repeats: int) -> tuple[Any, dict[str, Any]]:
     """Compiles ``jax.jit(fn)`` for ``args``, then times ``repeats`` calls.
 
     Returns:
@@ -234,7 +234,7 @@ def support_loss(loss_fn: LossFn, params: PyTree, support: Batch) -> jax.Array:
     return jnp.mean(jax.vmap(lambda s: loss_fn(params, s))(support))
 
 
-def adapted_only(loss_fn: LossFn, params: PyTree, inner_lr: float | PyTree) -> LossFn:
+def adapted_only(loss_fn: LossFn, params: PyTree, *, inner_lr: float | PyTree) -> LossFn:
     """``loss_fn`` as the inner loop sees it: a function of the leaves it adapts only.
 
     The leaves of rate 0 (a scalar 0 for all, or per-leaf rates as from
@@ -254,7 +254,7 @@ def adapted_only(loss_fn: LossFn, params: PyTree, inner_lr: float | PyTree) -> L
     return restricted
 
 
-def num_adapted(params: PyTree, inner_lr: float | PyTree) -> int:
+def num_adapted(params: PyTree, *, inner_lr: float | PyTree) -> int:
     """How many parameters the inner loop adapts: those of a non-zero rate."""
     rates = jax.tree.leaves(core.per_leaf_rates(inner_lr, params))
     return sum(
@@ -280,7 +280,9 @@ def curvature(
       (``second_order.top_eigenpairs`` and ``second_order.spectral_density``).
     """
     eig_key, density_key = jax.random.split(key)
-    eigenvalues, _ = second_order.top_eigenpairs(f, params, top_k, num_iters=num_iters, key=eig_key)
+    eigenvalues, _ = second_order.top_eigenpairs(
+        f, params, k=top_k, num_iters=num_iters, key=eig_key
+    )
     grid, density = second_order.spectral_density(
         f,
         params,
@@ -305,7 +307,7 @@ def per_task_lambda_max(
     def one_task(args):
         task_support, task_key = args
         eigenvalues, _ = second_order.top_eigenpairs(
-            lambda p: loss_fn(p, task_support), params, 1, num_iters=num_iters, key=task_key
+            lambda p: loss_fn(p, task_support), params, k=1, num_iters=num_iters, key=task_key
         )
         return eigenvalues[0]
 

@@ -61,6 +61,9 @@ def sgd_step(
 
     With ``first_order=True`` the gradient is a constant to any outer
     differentiation (first-order MAML).
+
+    Returns:
+      The updated parameters, a pytree shaped like ``params``.
     """
     grads = jax.grad(loss_fn)(params, batch)
     if first_order:
@@ -191,13 +194,16 @@ def batched_meta_loss(
     params: PyTree,
     support: Batch,
     query: Batch,
-    **kwargs,
+    **kwargs: Any,
 ) -> jax.Array:
     """Mean of ``meta_loss`` over a meta-batch of tasks.
 
     ``support`` and ``query`` carry a leading task axis on every leaf
     (``(num_tasks, ...)``); ``params`` is shared. ``kwargs`` are
     ``meta_loss``'s keyword arguments.
+
+    Returns:
+      The mean over tasks of the adapted query losses, a scalar.
     """
     per_task = jax.vmap(lambda s, q: meta_loss(loss_fn, params, s, q, **kwargs))(support, query)
     return jnp.mean(per_task)

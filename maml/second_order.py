@@ -184,7 +184,7 @@ def lanczos(matvec: MatVec, params: PyTree, *, num_iters: int, key: jax.Array) -
 
 
 def top_eigenpairs(
-    f: ScalarFn, params: PyTree, k: int, *, num_iters: int, key: jax.Array
+    f: ScalarFn, params: PyTree, *, k: int, num_iters: int, key: jax.Array
 ) -> tuple[jax.Array, PyTree]:
     """The ``k`` largest (algebraic) Hessian eigenvalues of ``f`` at ``params``, by Lanczos.
 

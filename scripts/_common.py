@@ -7,7 +7,9 @@ import re
 import signal
 import sys
 import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import ml_collections
 from absl import app, flags, logging
@@ -33,8 +35,8 @@ flags.DEFINE_integer(
 )
 
 
-def define_checkpoint_flag():
-    """``--checkpoint``, for the scripts that restore a trained model."""
+def define_checkpoint_flag() -> flags.FlagHolder[str]:
+    """``--checkpoint``, for the scripts that restore a trained model; returns its holder."""
     return flags.DEFINE_enum(
         "checkpoint",
         "latest",
@@ -108,6 +110,7 @@ def _home(match: re.Match) -> str:
 
 
 def one_line(error: Exception) -> str:
+    """``error``'s message on one line: its first line, and its last if there are more."""
     # ml_collections' messages for a bad config file carry the file's own error last.
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     return lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
@@ -135,7 +138,7 @@ def _drop_closed_event_loop(unraisable) -> None:
         sys.__unraisablehook__(unraisable)
 
 
-def run(main) -> None:
+def run(main: Callable[[list[str]], None]) -> None:
     """``absl.app.run`` with flag errors (bad --config, bad override) as exit status 2.
 
     Ctrl-C ends with status 130, SIGTERM with 143, neither with a traceback:
@@ -166,7 +169,7 @@ def run(main) -> None:
         sys.exit(128 + signal.SIGTERM if isinstance(e, Terminated) else 130)
 
 
-def checked_config(*, writes_workdir: bool = True):
+def checked_config(*, writes_workdir: bool = True) -> ml_collections.ConfigDict:
     """The ``--config`` flag's config, validated before any compute; applies ``--cpu_devices``.
 
     ``--workdir`` must be a directory or makeable one, and writable (it and its
@@ -197,7 +200,7 @@ def checked_config(*, writes_workdir: bool = True):
     return config
 
 
-def checked_type(config) -> None:
+def checked_type(config: Any) -> None:
     """Fails unless the ``--config`` file's ``get_config()`` gave a ``ConfigDict``."""
     if isinstance(config, ml_collections.ConfigDict):
         return
@@ -234,7 +237,7 @@ def check_directory(path: Path, what: str, *, writable: bool = True) -> None:
 def user_errors(
     out_of_memory: str = "lower config.meta_batch_size (training) or config.eval_batch_size "
     "(evaluation), or set config.remat=True",
-):
+) -> Iterator[None]:
     """Errors a user can cause (missing data, bad checkpoint) end in one line and exit 2;
     running out of memory, with the advice ``out_of_memory`` (what sets the memory)."""
     from maml import train
@@ -256,3 +259,23 @@ def user_errors(
         if reason is None:
             raise
         fail(f"out of memory: {reason}; {out_of_memory}")
+
+
+def write_report(
+    report: dict,
+    output_dir: Path,
+    name: str,
+    *,
+    plot: Callable[[dict, Path], Any],
+    summary: Callable[[dict], None],
+) -> None:
+    """Writes ``report`` as ``output_dir/name.json`` and ``plot``'s ``output_dir/name.png``,
+    then prints ``summary(report)`` and the two paths (the analysis scripts' last step)."""
+    from maml import train
+
+    json_path, png_path = output_dir / f"{name}.json", output_dir / f"{name}.png"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    train.write_json(json_path, report)
+    plot(report, png_path)
+    summary(report)
+    print(f"wrote {json_path} and {png_path}")

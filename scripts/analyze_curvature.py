@@ -26,7 +26,7 @@ line and exit status 2.
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -56,7 +56,16 @@ _SEED = flags.DEFINE_integer(
 )
 
 
-def analyze(exp, params, *, num_tasks, top_k, num_iters, num_probes, seed) -> dict:
+def analyze(
+    exp: train.Experiment,
+    params: Any,
+    *,
+    num_tasks: int,
+    top_k: int,
+    num_iters: int,
+    num_probes: int,
+    seed: int,
+) -> dict:
     """Spectra of the support loss and the meta-loss of ``exp`` at ``params``, and timings.
 
     Returns a JSON-ready dict: ``support_loss`` and ``meta_loss`` each with
@@ -70,7 +79,7 @@ def analyze(exp, params, *, num_tasks, top_k, num_iters, num_probes, seed) -> di
     support, query = episode["support"], episode["query"]
     inner_lr = exp.inner_lr
     # The curvature inner SGD meets: that of the leaves it adapts.
-    inner_loss_fn = analysis.adapted_only(exp.loss_fn, params, inner_lr)
+    inner_loss_fn = analysis.adapted_only(exp.loss_fn, params, inner_lr=inner_lr)
 
     def support_loss(p, support):
         return analysis.support_loss(inner_loss_fn, p, support)
@@ -133,7 +142,7 @@ def analyze(exp, params, *, num_tasks, top_k, num_iters, num_probes, seed) -> di
     return {
         "num_params": int(sum(np.size(x) for x in jax.tree.leaves(params))),
         # Those the inner loop adapts; the support-loss spectra are of these.
-        "num_adapted_params": analysis.num_adapted(params, inner_lr),
+        "num_adapted_params": analysis.num_adapted(params, inner_lr=inner_lr),
         "num_tasks": num_tasks,
         "num_inner_steps": config.num_inner_steps,
         "inner_lr": config.inner_lr,
@@ -148,7 +157,9 @@ def analyze(exp, params, *, num_tasks, top_k, num_iters, num_probes, seed) -> di
     }
 
 
-def plot(report, path: Path) -> "Figure":
+def plot(report: dict, path: Path) -> "Figure":
+    """Both spectra on symmetric-log eigenvalue axes, marked with the top eigenvalues,
+    the SGD limit ``2 / inner_lr`` and (support loss) each task's ``lambda_max``."""
     from matplotlib.figure import Figure
 
     from maml import plots
@@ -208,7 +219,8 @@ def plot(report, path: Path) -> "Figure":
     return fig
 
 
-def print_summary(report) -> None:
+def print_summary(report: dict) -> None:
+    """Prints the losses, top eigenvalues and the stability of inner SGD, per batch and task."""
     s = report["stability"]
     print(
         f"{report['config_name']}: {report['num_params']} params "
@@ -231,7 +243,8 @@ def print_summary(report) -> None:
     print(f"  total wall time {report['wall_s']:.1f} s")
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
+    """Restores the checkpoint, analyzes it and writes ``curvature.json`` and ``.png``."""
     del argv
     t0 = time.perf_counter()
     config = _common.checked_config(writes_workdir=False)  # --output_dir is checked below
@@ -281,11 +294,7 @@ def main(argv):
         **report,
         "wall_s": time.perf_counter() - t0,
     }
-    output_dir.mkdir(parents=True, exist_ok=True)
-    train.write_json(output_dir / "curvature.json", report)
-    plot(report, output_dir / "curvature.png")
-    print_summary(report)
-    print(f"wrote {output_dir / 'curvature.json'} and {output_dir / 'curvature.png'}")
+    _common.write_report(report, output_dir, "curvature", plot=plot, summary=print_summary)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ def derivatives(x: float = 1.0) -> list[float]:
 
 
 def dot_self(x: jax.Array) -> jax.Array:
+    """``x . x``, a scalar: the tutorial's ``f`` for ``hessian_example``."""
     return jnp.dot(x, x)
 
 
@@ -124,6 +125,7 @@ def jacobians_example() -> dict[str, Any]:
 
 
 def sum_tanh_squared(X: jax.Array) -> jax.Array:
+    """``sum(tanh(X)^2)``, a scalar: the tutorial's ``f`` for Hessian-vector products."""
     return jnp.sum(jnp.tanh(X) ** 2)
 
 
@@ -214,6 +216,7 @@ def meta_gradient_example(*, inner_lr: float = 0.01, seed: int = 0) -> dict[str,
 # is the TD(0) update itself. (The older "JAX 101" edition dropped the -1/2, which
 # scales every gradient below by -2.)
 def value_fn(theta: jax.Array, state: jax.Array) -> jax.Array:
+    """The linear value ``theta . state`` of a ``(3,)`` state, a scalar."""
     return jnp.dot(theta, state)
 
 
@@ -221,19 +224,22 @@ THETA = (0.1, -0.1, 0.0)
 S_TM1, R_T, S_T = (1.0, 2.0, -1.0), 1.0, (2.0, 1.0, 0.0)
 
 
-def td_loss_naive(theta, s_tm1, r_t, s_t):
+def td_loss_naive(theta: jax.Array, s_tm1: jax.Array, r_t: jax.Array, s_t: jax.Array) -> jax.Array:
+    """The TD(0) pseudo-loss with the target differentiated too: the naive version."""
     v_tm1 = value_fn(theta, s_tm1)
     target = r_t + value_fn(theta, s_t)
     return -0.5 * ((target - v_tm1) ** 2)
 
 
-def td_loss(theta, s_tm1, r_t, s_t):
+def td_loss(theta: jax.Array, s_tm1: jax.Array, r_t: jax.Array, s_t: jax.Array) -> jax.Array:
+    """The TD(0) pseudo-loss with the target's gradient stopped: its gradient is the update."""
     v_tm1 = value_fn(theta, s_tm1)
     target = r_t + value_fn(theta, s_t)
     return -0.5 * ((jax.lax.stop_gradient(target) - v_tm1) ** 2)
 
 
 def td_transition() -> tuple[jax.Array, ...]:
+    """The tutorial's ``(theta, s_tm1, r_t, s_t)``: ``(3,)``, ``(3,)``, scalar, ``(3,)``."""
     return tuple(jnp.array(a) for a in (THETA, S_TM1, R_T, S_T))
 
 
@@ -357,7 +363,8 @@ def _print_report(results: dict[str, Any]) -> None:
     )
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
+    """Prints every example beside the tutorial's value, or one JSON object (``--json``)."""
     del argv
     results = run_all()
     if _JSON.value:

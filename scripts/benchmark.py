@@ -34,10 +34,12 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from maml import analysis, train
@@ -50,7 +52,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PEER = ROOT.parent / "shared" / "bench" / "peer_torchfunc.py"
 
 
-def parse_args(argv=None):
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The flags, checked before any compute (a bad one: argparse's usage line, exit 2)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n-way", type=int, default=5)
     p.add_argument("--k-spt", type=int, default=1)
@@ -90,8 +93,9 @@ def parse_args(argv=None):
         if args.algorithm == "imaml":
             p.error("--first-order is first-order MAML: drop it or --algorithm=imaml")
         args.algorithm = "fomaml"
-    if args.inner_steps < 0 or args.warmup < 0 or args.peer_steps < 0:
-        p.error("--inner-steps, --warmup and --peer-steps must be >= 0")
+    for name in ("inner_steps", "warmup", "peer_steps"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 0")
     if args.steps >= 2**31:  # a scan's length: JAX counts it in 32-bit integers
         p.error(f"--steps={args.steps} must be below 2**31")
     if args.compare_peer:
@@ -133,7 +137,8 @@ def parse_args(argv=None):
     return args
 
 
-def make_config(args):
+def make_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
+    """The Omniglot config with the flags' shapes, algorithm and settings (no validation runs)."""
     config = omniglot_config.get_config()
     config.lock()  # a field the config lacks is an error, not a silent no-op
     config.update(
@@ -153,7 +158,8 @@ def make_config(args):
     return config
 
 
-def build(args):
+def build(args: argparse.Namespace) -> train.Experiment:
+    """The experiment, on random images of Omniglot's shape unless ``--data-dir`` is set."""
     config = make_config(args)
     if args.data_dir:
         try:
@@ -176,8 +182,16 @@ def build(args):
     return train.build_experiment(config, task=task)
 
 
-def time_ours(args):
-    """Compiles, warms up, and times ``rounds`` device calls of ``steps`` meta-steps."""
+def time_ours(
+    args: argparse.Namespace,
+) -> tuple[dict, Callable[[], float], Callable[[str], dict]]:
+    """Compiles and warms up the training chunk of ``--steps`` meta-steps.
+
+    Returns:
+      ``(result, timed, profiled)``: the compile time, memory and device as a dict;
+      ``timed()``, the seconds of one more device call; ``profiled(log_dir)``, one
+      more call under ``jax.profiler``, its ``summarize_trace``.
+    """
     exp = build(args)
     train_key, _ = train.root_keys(args.seed)
     chunk = train.make_train_chunk(exp, train_key)
@@ -229,7 +243,7 @@ def time_ours(args):
     return result, timed, profiled
 
 
-def summarize_trace(path: Path, steps: int, top: int = 12) -> dict:
+def summarize_trace(path: Path, steps: int, *, top: int = 12) -> dict:
     """Per-step totals of the XLA ops in a Perfetto trace of ``steps`` meta-steps.
 
     Ops are the trace's events tagged with an ``hlo_op``; where the trace has a
@@ -282,7 +296,8 @@ def summarize_trace(path: Path, steps: int, top: int = 12) -> dict:
     }
 
 
-def run_peer(args):
+def run_peer(args: argparse.Namespace) -> dict:
+    """Runs the PyTorch peer once on the same shapes; returns its JSON line as a dict."""
     steps = args.peer_steps or args.steps
     device = "cuda" if jax.default_backend() == "gpu" else "cpu"
     cmd = [
@@ -321,7 +336,8 @@ class PeerError(RuntimeError):
     """The peer did not run, or did not report."""
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> None:
+    """Times ours (and the peer, interleaved) and prints one JSON line."""
     args = parse_args(argv)
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)

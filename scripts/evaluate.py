@@ -18,7 +18,8 @@ CHECKPOINT = _common.define_checkpoint_flag()
 flags.adopt_module_key_flags(_common)  # --help lists --config, --workdir, ...
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
+    """Evaluates the checkpoint, prints the table, then writes ``eval*.json`` and the plot."""
     del argv
     config = _common.checked_config()
     with _common.user_errors():

@@ -40,7 +40,8 @@ flags.DEFINE_string(
 )
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
+    """Evaluates the checkpoint on the runs, prints the table, then writes the JSON."""
     del argv
     config = _common.checked_config()
     if config.get("num_ways") != one_shot_runs.NUM_WAYS:

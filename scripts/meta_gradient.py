@@ -31,12 +31,13 @@ import functools
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
+from jax.typing import DTypeLike
 from ml_collections import config_flags
 
 from maml import analysis, core, train
@@ -65,7 +66,9 @@ _FD_EPS = flags.DEFINE_float("fd_eps", 1e-6, "Finite-difference step (taken in f
 FD_TOLERANCE = {"float64": 1e-6, "float32": 1e-3}
 
 
-def load_params(exp, workdir, which="latest"):
+def load_params(
+    exp: train.Experiment, workdir: str | None, which: str = "latest"
+) -> tuple[Any, str]:
     """``(params, source)``: the ``which`` checkpoint's in ``workdir``, or without a
     ``workdir`` the initial params."""
     if not workdir:
@@ -76,14 +79,23 @@ def load_params(exp, workdir, which="latest"):
     return params, f"{which} checkpoint step {step}"
 
 
-def to_dtype(tree, dtype):
+def to_dtype(tree: Any, dtype: DTypeLike) -> Any:
     """Casts the floating leaves of ``tree`` to ``dtype``; integer labels stay."""
     return jax.tree.map(
         lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
     )
 
 
-def measure(exp, params, episode, *, inner_steps, repeats, fd_eps, key):
+def measure(
+    exp: train.Experiment,
+    params: Any,
+    episode: dict,
+    *,
+    inner_steps: list[int],
+    repeats: int,
+    fd_eps: float,
+    key: jax.Array,
+) -> list[dict]:
     """Every number the script reports, for ``params`` and one ``episode``.
 
     ``episode`` is ``{"support": (x, y), "query": (x, y)}`` with a leading task
@@ -161,7 +173,9 @@ def measure(exp, params, episode, *, inner_steps, repeats, fd_eps, key):
     return results
 
 
-def print_table(report) -> None:
+def print_table(report: dict) -> None:
+    """Prints time, scratch memory, norm and cosine to the exact gradient per method and
+    step count, and each step count's finite-difference check."""
     print(
         f"{report['config_name']}: {report['num_params']} params ({report['dtype']}, "
         f"{report['params_source']}), {report['num_tasks']} tasks, {report['backend']}"
@@ -186,7 +200,8 @@ def print_table(report) -> None:
         )
 
 
-def plot(report, path: Path) -> "Figure":
+def plot(report: dict, path: Path) -> "Figure":
+    """Time, compiled scratch memory and pairwise cosine similarity against inner steps."""
     from matplotlib.figure import Figure
 
     from maml import plots
@@ -230,7 +245,8 @@ def plot(report, path: Path) -> "Figure":
     return fig
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
+    """Measures the meta-gradients and writes ``meta_gradient.json`` and ``.png``."""
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs each restore at INFO
     config = flags.FLAGS.config
@@ -303,11 +319,7 @@ def main(argv):
         "config_changes": changes,
         "results": results,
     }
-    output_dir.mkdir(parents=True, exist_ok=True)
-    train.write_json(output_dir / "meta_gradient.json", report)
-    plot(report, output_dir / "meta_gradient.png")
-    print_table(report)
-    print(f"wrote {output_dir / 'meta_gradient.json'} and {output_dir / 'meta_gradient.png'}")
+    _common.write_report(report, output_dir, "meta_gradient", plot=plot, summary=print_table)
 
 
 if __name__ == "__main__":

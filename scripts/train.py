@@ -39,7 +39,8 @@ flags.DEFINE_integer("num_processes", None, "Number of processes (--multihost)."
 flags.DEFINE_integer("process_id", None, "This process's rank, 0..num_processes-1.")
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
+    """Meta-trains the ``--config`` in ``--workdir`` (resuming from its checkpoint)."""
     del argv
     config = _common.checked_config()
     given = [

@@ -383,11 +383,13 @@ def test_adapted_only_holds_the_frozen_leaves(mlp64):
 
     H = hessian_of(loss_fn)
     # A scalar rate adapts every leaf, or (0) none.
-    np.testing.assert_array_equal(hessian_of(analysis.adapted_only(loss_fn, params, 0.1)), H)
-    assert np.all(hessian_of(analysis.adapted_only(loss_fn, params, 0.0)) == 0)
+    np.testing.assert_array_equal(
+        hessian_of(analysis.adapted_only(loss_fn, params, inner_lr=0.1)), H
+    )
+    assert np.all(hessian_of(analysis.adapted_only(loss_fn, params, inner_lr=0.0)) == 0)
     rates = jax.tree.map(lambda _: 0.1, params)
     rates["layers"][1]["kernel"] = 0.0  # the 40x40 middle kernel frozen
-    H_adapted = hessian_of(analysis.adapted_only(loss_fn, params, rates))
+    H_adapted = hessian_of(analysis.adapted_only(loss_fn, params, inner_lr=rates))
     frozen = ravel_pytree(jax.tree.map(lambda r, x: jnp.full_like(x, r == 0), rates, params))[0]
     frozen = np.asarray(frozen) > 0
     assert frozen.sum() == 40 * 40
@@ -528,8 +530,8 @@ def test_curvature_of_frozen_leaves_is_of_the_adapted_leaves(monkeypatch):
     script = load_script("analyze_curvature", monkeypatch)
     adapted_only, traced = analysis.adapted_only, []
 
-    def spy(loss_fn, params, inner_lr):
-        restricted = adapted_only(loss_fn, params, inner_lr)
+    def spy(loss_fn, params, *, inner_lr):
+        restricted = adapted_only(loss_fn, params, inner_lr=inner_lr)
 
         def counted(p, batch):
             traced.append(jax.tree.structure(inner_lr) == jax.tree.structure(params))

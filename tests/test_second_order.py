@@ -122,7 +122,7 @@ def test_top_eigenpairs_match_eigvalsh():
     n = H.shape[0]
     exact = np.linalg.eigvalsh(H)[::-1]
     k = 4
-    top = jax.jit(lambda p, key: so.top_eigenpairs(f, p, k, num_iters=n, key=key))
+    top = jax.jit(lambda p, key: so.top_eigenpairs(f, p, k=k, num_iters=n, key=key))
     values, vectors = top(params, jax.random.key(1))
     np.testing.assert_allclose(values, exact[:k], rtol=1e-9, atol=1e-12)
     U = np.asarray(jax.vmap(lambda t: ravel_pytree(t)[0])(vectors))
@@ -130,7 +130,7 @@ def test_top_eigenpairs_match_eigvalsh():
     np.testing.assert_allclose(np.linalg.norm(U, axis=1), 1.0, rtol=1e-10)
     np.testing.assert_allclose(U @ H, np.asarray(values)[:, None] * U, atol=1e-8)
     # With fewer Lanczos steps than parameters the extreme eigenvalue is still found.
-    few, _ = jax.jit(lambda p, key: so.top_eigenpairs(f, p, 1, num_iters=n // 2, key=key))(
+    few, _ = jax.jit(lambda p, key: so.top_eigenpairs(f, p, k=1, num_iters=n // 2, key=key))(
         params, jax.random.key(2)
     )
     np.testing.assert_allclose(few, exact[:1], rtol=1e-6)
@@ -140,7 +140,7 @@ def test_lanczos_survives_repeated_eigenvalues():
     # Two distinct eigenvalues: the Krylov space is exhausted after two steps.
     d = jnp.array([1.0] * 6 + [10.0] * 4)
     f = lambda p: 0.5 * jnp.sum(d * p**2)  # noqa: E731
-    values, _ = so.top_eigenpairs(f, jnp.zeros(10), 5, num_iters=10, key=jax.random.key(0))
+    values, _ = so.top_eigenpairs(f, jnp.zeros(10), k=5, num_iters=10, key=jax.random.key(0))
     np.testing.assert_allclose(values, [10.0] * 4 + [1.0], atol=1e-10)
 
 
@@ -158,7 +158,7 @@ def test_lanczos_with_one_step_or_one_parameter():
     assert np.all(np.isfinite(density))
     # A single parameter: Lanczos stops at n = 1 step, which is exact.
     g = lambda p: 2.0 * p[0] ** 2  # noqa: E731
-    values, _ = so.top_eigenpairs(g, jnp.zeros(1), 1, num_iters=10, key=jax.random.key(2))
+    values, _ = so.top_eigenpairs(g, jnp.zeros(1), k=1, num_iters=10, key=jax.random.key(2))
     np.testing.assert_allclose(values, [4.0], rtol=1e-12)
 
 
@@ -342,7 +342,7 @@ def test_top_eigenpairs_refuses_more_eigenpairs_than_lanczos_steps():
     # k = 3 from 2 Lanczos steps would return 2 eigenvalues, not the 3 asked for.
     f = lambda p: jnp.sum(jnp.arange(1.0, 6.0) * p**2)  # noqa: E731
     with pytest.raises(ValueError, match=r"k must be in \[1, min\(num_iters, n\)\], got 3"):
-        so.top_eigenpairs(f, jnp.zeros(5), 3, num_iters=2, key=jax.random.key(0))
+        so.top_eigenpairs(f, jnp.zeros(5), k=3, num_iters=2, key=jax.random.key(0))
 
 
 def test_conjugate_gradient_tolerance_is_relative_to_the_residual_norm():
