@@ -63,6 +63,11 @@ def training_curves(records: list[dict], path: Path) -> Figure | None:
     """One panel per logged metric against the meta-step (a null value, not finite
     when logged, is a gap, marked with an x at the top edge); metrics logged with the
     same values (a regression's loss and mse) share one, titled ``"loss = mse"``."""
+    # A value that is not a number (a log line edited by hand, or another tool's) is
+    # not plotted: it stopped a finished run with a traceback.
+    records = [
+        {k: v for k, v in r.items() if v is None or type(v) in (int, float)} for r in records
+    ]
     # Periodic metrics (validation) appear in some records only.
     keys = list(dict.fromkeys(k for r in records for k in r if k not in ("step", "wall_s")))
     if not keys:

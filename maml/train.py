@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import re
 import signal
 import sys
@@ -441,9 +442,22 @@ def restore_latest(manager: ocp.CheckpointManager, target: TrainState) -> TrainS
     step = manager.latest_step()
     if step is None:
         return None
+    step_dir = Path(manager.directory) / str(step)
+    # Not "corrupt: delete it": the files may be whole, only not ours to read.
+    unreadable = _unreadable(step_dir)
+    if unreadable is not None:
+        raise CheckpointError(
+            f"cannot restore checkpoint {step_dir}: {unreadable} cannot be read (permission "
+            "denied); give this user read access to it (chmod -R u+rX), or run as its owner."
+        )
+    if not (step_dir / "default").is_dir():  # orbax would say "must provide Composite args"
+        raise CheckpointError(
+            f"checkpoint {step_dir} is incomplete: it holds no default/ folder (emptied, or a "
+            "copy cut short): delete it or use another --workdir."
+        )
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     # Checked first: orbax's failed reads of a mismatched array print tracebacks.
-    mismatch = _shape_mismatch(Path(manager.directory) / str(step), abstract)
+    mismatch = _shape_mismatch(step_dir, abstract)
     if mismatch:
         raise CheckpointError(
             f"checkpoint {manager.directory}/{step} is from another config: {mismatch}; "
@@ -462,6 +476,22 @@ def restore_latest(manager: ocp.CheckpointManager, target: TrainState) -> TrainS
             f"{reason}); it is corrupt or from another config: delete it or use another "
             "--workdir."
         ) from e
+
+
+def _unreadable(folder: Path) -> Path | None:
+    """The first file or folder in ``folder`` (itself included) that this process may
+    not read (a folder: list and enter), or ``None``."""
+
+    def denied(path: str) -> bool:
+        return not os.access(path, os.R_OK | (os.X_OK if os.path.isdir(path) else 0))
+
+    if denied(folder):
+        return folder
+    for root, dirs, files in os.walk(folder):
+        for name in (*dirs, *files):
+            if denied(os.path.join(root, name)):
+                return Path(root, name)
+    return None
 
 
 def _shape_mismatch(step_dir: Path, abstract: PyTree) -> str | None:
@@ -544,7 +574,9 @@ def _read_metrics(path: Path) -> list[dict]:
     if not path.exists():
         return []
     records = []
-    for line in path.read_text().splitlines():
+    # Bytes that are not UTF-8 (a crash can leave junk where a line was being
+    # written) are replaced, so that their line is skipped like any unreadable one.
+    for line in path.read_text(errors="replace").splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:  # a line cut short by a hard kill or a full disk
@@ -620,6 +652,16 @@ def config_changes(
     ]
 
 
+def _warn_if_settings_missing(workdir: Path) -> None:
+    """Without the run's ``config.json`` a resume checks no setting (the split included)."""
+    if not (workdir / "config.json").exists() and (workdir / CHECKPOINTS["latest"]).is_dir():
+        print(
+            f"warning: {workdir / 'config.json'} is missing: this config cannot be checked "
+            "against the run's settings (its split included); use the config it was trained with",
+            file=sys.stderr,
+        )
+
+
 def warn_of_config_changes(workdir: Path, config: ml_collections.ConfigDict) -> list[str]:
     """``config_changes(workdir, config)``, printed as a warning when there are any: for
     an evaluation, which may change a setting that trained the run (an ablation, say
@@ -641,7 +683,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
         return
     kept = [r for r in _read_metrics(path) if r["step"] <= step]
     text = "".join(json.dumps(r) + "\n" for r in kept)
-    if path.read_text() != text:  # replaced whole, so that a crash here loses no line
+    if path.read_bytes() != text.encode():  # replaced whole, so that a crash here loses no line
         write_text_atomic(path, text)
 
 
@@ -777,6 +819,7 @@ def _train_and_evaluate(
     saved_step = manager.latest_step()
     changed = split = []
     if saved_step is not None:
+        _warn_if_settings_missing(workdir)
         changed = config_changes(workdir, config)
         split = config_changes(workdir, config, SPLIT_FIELDS)
     if split:  # evaluation checks config.json's split: it must be every checkpoint's

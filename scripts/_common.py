@@ -125,6 +125,10 @@ def _raise_terminated(signum, frame):
 
 
 def _drop_failed_write_logs(record: std_logging.LogRecord) -> bool:
+    if "/orbax/" in record.pathname and record.getMessage().startswith(
+        "Metadata file does not exist"
+    ):  # a step folder without _CHECKPOINT_METADATA: restored without it, or reported
+        return False
     if "/orbax/" not in record.pathname or record.levelno < std_logging.ERROR:
         return True
     error = record.exc_info[1] if record.exc_info else None

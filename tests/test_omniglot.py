@@ -192,6 +192,18 @@ def test_read_only_cache_dir_is_named_as_such(tmp_path, monkeypatch):
         omniglot.load_images(data_dir=TFDS_DIR, cache_dir=tmp_path)
 
 
+def test_a_damaged_cache_without_the_dataset_is_named(tmp_path):
+    # It said only that the dataset was missing, of a cache the user had copied in.
+    bad = omniglot.cache_path(tmp_path / "cache")
+    bad.parent.mkdir()
+    bad.write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(omniglot.DatasetNotFoundError) as info:
+        omniglot.load_images(data_dir=tmp_path / "no_such_dir", cache_dir=tmp_path / "cache")
+    assert f"the Omniglot cache {bad} is damaged" in str(info.value)
+    assert "--config.data_dir" in str(info.value) and "\n" not in str(info.value)
+    assert bad.read_bytes() == b"PK\x03\x04 cut short"  # left for the user to see
+
+
 def test_cache_round_trip(data, cache_dir, tmp_path):
     path = omniglot.cache_path(cache_dir)
     assert path.is_file()

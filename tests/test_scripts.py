@@ -468,13 +468,16 @@ def test_scripts_on_another_runs_checkpoint_fail_in_one_line(
     assert expected in result.stderr
 
 
-@pytest.mark.parametrize("damage", ["manifest", "data"])
+@pytest.mark.parametrize("damage", ["manifest", "data", "emptied"])
 def test_corrupt_checkpoint_fails_in_one_short_line(tiny_run, tmp_path, damage):
     workdir = copy(tiny_run, tmp_path)
     args = [f"--config={CONFIG}:tiny", f"--workdir={workdir}", "--config.checkpoint_every=50"]
     saved = workdir / "checkpoints" / "50" / "default"
     if damage == "manifest":
         (saved / "manifest.ocdbt").write_text("x")
+    elif damage == "emptied":  # orbax also logged "Metadata file does not exist"
+        shutil.rmtree(saved.parent)
+        saved.parent.mkdir()
     else:  # the second half of every data file inverted
         for path in (saved / "ocdbt.process_0" / "d").iterdir():
             data = path.read_bytes()
@@ -490,7 +493,8 @@ def test_corrupt_checkpoint_fails_in_one_short_line(tiny_run, tmp_path, damage):
     # tensorstore's spec (several KB of JSON) in the message.
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
-    assert "cannot restore checkpoint" in result.stderr and len(result.stderr) < 800
+    expected = "is incomplete" if damage == "emptied" else "cannot restore checkpoint"
+    assert expected in result.stderr and len(result.stderr) < 800
     assert "TensorStore" not in result.stderr
 
 

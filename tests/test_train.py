@@ -2,6 +2,7 @@
 
 import errno
 import json
+import os
 import re
 import shutil
 import signal
@@ -417,6 +418,15 @@ def test_resume_survives_a_log_line_cut_short(tmp_path):
     assert steps == [50, 100, 150, 200]
 
 
+def test_log_bytes_that_are_not_utf8_are_skipped_like_a_damaged_line(tmp_path):
+    # A crash can leave junk where a line was being written: it was a traceback.
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 50}\n\xff\xfe junk\n{"step": 100}\n{"step": 150, "lo\xf0')
+    assert [r["step"] for r in train._read_metrics(path)] == [50, 100]
+    train._truncate_metrics(path, 100)
+    assert path.read_text() == '{"step": 50}\n{"step": 100}\n'
+
+
 def test_nothing_to_train_says_so(tmp_path, capsys):
     train.train_and_evaluate(tiny(num_steps=100, checkpoint_every=50), tmp_path)
     capsys.readouterr()
@@ -699,6 +709,49 @@ def test_corrupt_checkpoint_fails_clearly(tmp_path):
         train.train_and_evaluate(tiny(), tmp_path)
 
 
+def _saved(tmp_path, steps=(50,)):
+    """A tiny run's initial state, saved as the checkpoint of each of ``steps``."""
+    state = train.init_state(train.build_experiment(tiny()))
+    with train.checkpoint_manager(tmp_path) as manager:
+        for step in steps:
+            manager.save(step, args=ocp.args.StandardSave(state))
+    return state
+
+
+def test_an_unreadable_checkpoint_file_is_named_not_called_corrupt(tmp_path, monkeypatch):
+    state = _saved(tmp_path)
+    folder = tmp_path / "checkpoints" / "50" / "default" / "ocdbt.process_0" / "d"
+    data = max(folder.iterdir(), key=lambda p: p.stat().st_size)
+    data.chmod(0)  # the advice was "corrupt: delete it", of a whole checkpoint
+    if os.geteuid() == 0:  # root reads it anyway: what any other user meets
+        access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: access(p, mode) and Path(p) != data)
+    try:
+        with train.checkpoint_manager(tmp_path) as manager:
+            with pytest.raises(train.CheckpointError, match=f"{data} cannot be read"):
+                train.restore_latest(manager, state)
+    finally:
+        data.chmod(0o644)
+
+
+def test_an_emptied_checkpoint_folder_is_called_incomplete(tmp_path):
+    state = _saved(tmp_path, steps=(50, 100))
+    for item in (tmp_path / "checkpoints" / "100").iterdir():
+        shutil.rmtree(item) if item.is_dir() else item.unlink()
+    with train.checkpoint_manager(tmp_path) as manager:  # orbax: "must provide Composite"
+        with pytest.raises(train.CheckpointError, match="100 is incomplete: it holds no default/"):
+            train.restore_latest(manager, state)
+
+
+def test_a_missing_config_json_is_warned_of(tmp_path, capsys):
+    # Any setting, the split included, passed unchecked and unsaid.
+    train.train_and_evaluate(tiny(num_steps=50, checkpoint_every=50), tmp_path)
+    (tmp_path / "config.json").unlink()
+    capsys.readouterr()
+    train.train_and_evaluate(tiny(num_steps=100, checkpoint_every=50), tmp_path)
+    assert "config.json is missing: this config cannot be checked" in capsys.readouterr().err
+
+
 def test_training_chunk_compiles_once(tmp_path):
     config = tiny(num_steps=150, log_every=50, checkpoint_every=50)
     exp = train.build_experiment(config)
@@ -860,6 +913,19 @@ def test_nonfinite_metrics_are_logged_as_null_and_plotted_as_gaps(tmp_path):
     assert fig.axes[0].get_yscale() == "log"  # the loss
     # A run whose every validation diverged: no best to star, still a plot.
     plots.training_curves([{"step": 1, "val_mse": None}], tmp_path / "t.png")
+
+
+def test_log_values_that_are_not_numbers_are_not_plotted(tmp_path):
+    # Lines edited by hand or from another tool: a finished run ended in a traceback.
+    records = [
+        {"step": 1, "loss": 1.0, "note": "restarted"},
+        {"step": 2, "loss": "abc"},
+        {"step": 3, "loss": [1, 2], "grad_norm": True},
+        {"step": 4, "loss": 0.5},
+    ]
+    fig = plots.training_curves(records, tmp_path / "t.png")
+    assert [ax.get_title() for ax in fig.axes] == ["loss"]
+    assert fig.axes[0].get_lines()[0].get_xdata().tolist() == [1, 4]
 
 
 def test_metrics_logged_with_the_same_values_share_a_panel(tmp_path):

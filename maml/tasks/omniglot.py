@@ -285,7 +285,15 @@ def load_images(
     finally:  # (on a read-only file system even this fails: keep the error above)
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-    data = _read_raw(None if data_dir is None else os.fspath(data_dir), download, cache=path)
+    try:
+        data = _read_raw(None if data_dir is None else os.fspath(data_dir), download, cache=path)
+    except DatasetNotFoundError as e:
+        if path.is_file():  # else "no cache" would be all it says of the one it skipped
+            raise DatasetNotFoundError(
+                f"the Omniglot cache {path} is damaged or from another version, so it is "
+                f"rebuilt from the dataset, which fails: {e}"
+            ) from None
+        raise
     try:
         with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz"
             np.savez(f, format=np.int64(_CACHE_FORMAT), **data)
