@@ -5,8 +5,10 @@ temporary directory from the prepared TFDS data in ``../shared/data/tfds``.
 """
 
 import errno
+import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -202,6 +204,17 @@ def test_a_damaged_cache_without_the_dataset_is_named(tmp_path):
     assert f"the Omniglot cache {bad} is damaged" in str(info.value)
     assert "--config.data_dir" in str(info.value) and "\n" not in str(info.value)
     assert bad.read_bytes() == b"PK\x03\x04 cut short"  # left for the user to see
+
+
+def test_temporary_files_of_killed_cache_builds_are_deleted(cache_dir, tmp_path):
+    path = omniglot.cache_path(tmp_path)
+    path.symlink_to(omniglot.cache_path(cache_dir))
+    stale, building = (path.with_name(f"{path.name}.{pid}.tmp") for pid in (11, 12))
+    stale.write_bytes(b"x" * 100)
+    os.utime(stale, (time.time() - 7200,) * 2)  # a build SIGKILLed two hours ago
+    building.write_bytes(b"x")  # another process's build, now
+    omniglot.load_images(data_dir=TFDS_DIR, cache_dir=tmp_path)
+    assert not stale.exists() and building.exists()
 
 
 def test_cache_round_trip(data, cache_dir, tmp_path):

@@ -25,6 +25,7 @@ import dataclasses
 import io
 import os
 import re
+import time
 import zipfile
 import zlib
 from pathlib import Path
@@ -273,6 +274,12 @@ def load_images(
                     f"the Omniglot cache cannot be written to {path.parent}: {parent} is a file"
                 )
             break
+    # A build killed outright (SIGKILL skips the cleanup below) leaves its ~25 MB
+    # temporary file; one an hour old is no build in progress (they take seconds).
+    for stale in path.parent.glob(f"{path.name}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if time.time() - stale.stat().st_mtime > 3600:
+                stale.unlink()
     cached = _load_cache(path)
     if cached is not None:
         return cached
