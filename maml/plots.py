@@ -2,6 +2,7 @@
 Figure 3 (metric against inner steps)."""
 
 import math
+import numbers
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,8 +66,14 @@ def training_curves(records: list[dict], path: Path) -> Figure | None:
     same values (a regression's loss and mse) share one, titled ``"loss = mse"``."""
     # A value that is not a number (a log line edited by hand, or another tool's) is
     # not plotted: it stopped a finished run with a traceback.
+    # (NumPy's numbers are plotted; bools, true and false in the log, are not.)
     records = [
-        {k: v for k, v in r.items() if v is None or type(v) in (int, float)} for r in records
+        {
+            k: v
+            for k, v in r.items()
+            if k == "step" or v is None or (isinstance(v, numbers.Real) and not isinstance(v, bool))
+        }
+        for r in records
     ]
     # Periodic metrics (validation) appear in some records only.
     keys = list(dict.fromkeys(k for r in records for k in r if k not in ("step", "wall_s")))

@@ -483,7 +483,10 @@ def _unreadable(folder: Path) -> Path | None:
     not read (a folder: list and enter), or ``None``."""
 
     def denied(path: str) -> bool:
-        return not os.access(path, os.R_OK | (os.X_OK if os.path.isdir(path) else 0))
+        # A link to nothing is not a permission matter (and orbax may not read it).
+        return os.path.exists(path) and not os.access(
+            path, os.R_OK | (os.X_OK if os.path.isdir(path) else 0)
+        )
 
     if denied(folder):
         return folder
@@ -581,8 +584,9 @@ def _read_metrics(path: Path) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError:  # a line cut short by a hard kill or a full disk
             continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            records.append(record)  # not a line someone wrote in by hand
+        # Not a line someone wrote in by hand (json's true is an int to isinstance).
+        if isinstance(record, dict) and type(record.get("step")) is int:
+            records.append(record)
     return records
 
 
@@ -688,14 +692,28 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def _validation_missed(
-    config: ml_collections.ConfigDict, metrics_path: Path, step: int, name: str
+    config: ml_collections.ConfigDict, workdir: Path, step: int, name: str
 ) -> bool:
     """Whether ``step`` was due a validation that its log line lacks (an interrupt
-    during it: the step is logged and saved without it)."""
-    every = config.get("eval_every", 0)
-    if not every or step == 0 or step % every:
+    during it: the step is logged and saved without it) and ``config`` validates.
+
+    Due under the settings that trained ``step`` (``config.step{step}.json``, else
+    ``config.json``; ``config``'s where neither says): a resume may change
+    ``eval_every``, which made a finished run validate its last step again."""
+    if not config.get("eval_every", 0) or step == 0:
         return False
-    logged = [r for r in _read_metrics(metrics_path) if r["step"] == step]
+    every = config.eval_every
+    for saved in (workdir / f"config.step{step}.json", workdir / "config.json"):
+        try:
+            settings = json.loads(saved.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(settings, dict) and isinstance(settings.get("eval_every"), int):
+            every = settings["eval_every"]
+            break
+    if not every or step % every:
+        return False
+    logged = [r for r in _read_metrics(workdir / "metrics.jsonl") if r["step"] == step]
     return bool(logged) and name not in logged[-1]
 
 
@@ -819,7 +837,8 @@ def _train_and_evaluate(
     saved_step = manager.latest_step()
     changed = split = []
     if saved_step is not None:
-        _warn_if_settings_missing(workdir)
+        if is_main:  # once, not once per process
+            _warn_if_settings_missing(workdir)
         changed = config_changes(workdir, config)
         split = config_changes(workdir, config, SPLIT_FIELDS)
     if split:  # evaluation checks config.json's split: it must be every checkpoint's
@@ -840,7 +859,7 @@ def _train_and_evaluate(
     # resuming, so that the best checkpoint misses none.
     val_name = f"val_{exp.task.metric}"
     missed = restored is not None and _any_process(
-        is_main and _validation_missed(config, metrics_path, int(restored.step), val_name)
+        is_main and _validation_missed(config, workdir, int(restored.step), val_name)
     )
     if restored is not None and int(restored.step) >= config.num_steps and not missed:
         # config.json keeps the settings that trained the run to its step.

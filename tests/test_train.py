@@ -449,6 +449,41 @@ def test_nothing_to_train_says_so(tmp_path, capsys):
     assert train.checkpoint_manager(tmp_path).all_steps() == [100, 150, 200]
 
 
+def test_a_finished_run_resumed_with_another_eval_every_has_nothing_to_train(tmp_path, capsys):
+    # Its last step (150) was not due a validation at eval_every=100: at 50 it was
+    # validated "first", with the log rewritten, as if an interrupt had cut it short.
+    def config(eval_every):
+        return tiny(num_steps=150, checkpoint_every=50, eval_every=eval_every, num_val_tasks=4)
+
+    train.train_and_evaluate(config(100), tmp_path)
+    logged = (tmp_path / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    train.train_and_evaluate(config(50), tmp_path)
+    err = capsys.readouterr().err
+    assert "nothing to train" in err and "validating it first" not in err
+    assert (tmp_path / "metrics.jsonl").read_text() == logged
+
+
+def test_a_missed_validation_is_due_under_the_settings_that_trained_its_step(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 100, "loss": 1.0}\n{"step": 150, "loss": 1.0}\n')
+
+    def missed(step, trained, now):
+        (tmp_path / "config.json").write_text(json.dumps({"eval_every": trained}))
+        return train._validation_missed(tiny(eval_every=now), tmp_path, step, "val_mse")
+
+    assert missed(150, trained=50, now=100)  # interrupted at 150: validated, whatever now
+    assert not missed(150, trained=100, now=50)  # not due when it was trained
+    assert not missed(150, trained=50, now=0)  # no validation now: none can run
+    assert missed(100, trained=100, now=100)
+    (tmp_path / "config.step150.json").write_text(json.dumps({"eval_every": 50}))
+    assert missed(150, trained=100, now=100)  # the settings that trained step 150
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "config.step150.json").unlink()
+    assert not train._validation_missed(tiny(eval_every=100), tmp_path, 150, "val_mse")
+    assert train._validation_missed(tiny(eval_every=50), tmp_path, 150, "val_mse")
+
+
 def test_adaptation_curve_is_the_query_metric_after_k_steps():
     exp = train.build_experiment(tiny())
     key, lr = jax.random.key(5), 0.3
@@ -734,6 +769,14 @@ def test_an_unreadable_checkpoint_file_is_named_not_called_corrupt(tmp_path, mon
         data.chmod(0o644)
 
 
+def test_a_dangling_link_in_a_checkpoint_is_not_called_unreadable(tmp_path):
+    # os.access follows links: one to nothing read as "permission denied; chmod -R".
+    state = _saved(tmp_path)
+    (tmp_path / "checkpoints" / "50" / "notes.txt").symlink_to(tmp_path / "gone")
+    with train.checkpoint_manager(tmp_path) as manager:
+        assert int(train.restore_latest(manager, state).step) == int(state.step)
+
+
 def test_an_emptied_checkpoint_folder_is_called_incomplete(tmp_path):
     state = _saved(tmp_path, steps=(50, 100))
     for item in (tmp_path / "checkpoints" / "100").iterdir():
@@ -926,6 +969,21 @@ def test_log_values_that_are_not_numbers_are_not_plotted(tmp_path):
     fig = plots.training_curves(records, tmp_path / "t.png")
     assert [ax.get_title() for ax in fig.axes] == ["loss"]
     assert fig.axes[0].get_lines()[0].get_xdata().tolist() == [1, 4]
+
+
+def test_a_log_line_whose_step_is_not_a_number_is_skipped(tmp_path):
+    # json's true is an int to isinstance: kept as a step, then dropped from its record
+    # as not a number, it ended the plot in a KeyError.
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(
+        '{"step": 1, "loss": 1.0}\n{"step": true, "loss": 0.5}\n{"step": 3, "loss": 0.2}\n'
+    )
+    records = train._read_metrics(path)
+    assert [r["step"] for r in records] == [1, 3]
+    records.insert(1, {"step": 2, "loss": np.float32(0.5), "grad_norm": np.bool_(True)})
+    fig = plots.training_curves(records, tmp_path / "t.png")
+    assert [ax.get_title() for ax in fig.axes] == ["loss"]  # NumPy's numbers are plotted
+    assert fig.axes[0].get_lines()[0].get_xdata().tolist() == [1, 2, 3]
 
 
 def test_metrics_logged_with_the_same_values_share_a_panel(tmp_path):
