@@ -657,7 +657,8 @@ def config_changes(
 
 
 def _warn_if_settings_missing(workdir: Path) -> None:
-    """Without the run's ``config.json`` a resume checks no setting (the split included)."""
+    """Without the run's ``config.json`` a resume or an evaluation checks no setting (the
+    split included)."""
     if not (workdir / "config.json").exists() and (workdir / CHECKPOINTS["latest"]).is_dir():
         print(
             f"warning: {workdir / 'config.json'} is missing: this config cannot be checked "
@@ -669,7 +670,9 @@ def _warn_if_settings_missing(workdir: Path) -> None:
 def warn_of_config_changes(workdir: Path, config: ml_collections.ConfigDict) -> list[str]:
     """``config_changes(workdir, config)``, printed as a warning when there are any: for
     an evaluation, which may change a setting that trained the run (an ablation, say
-    ``adapt_norm``), but should say so and record it, since it changes the numbers."""
+    ``adapt_norm``), but should say so and record it, since it changes the numbers.
+    Without the run's ``config.json`` it warns that nothing (the split included) is checked."""
+    _warn_if_settings_missing(Path(workdir))
     changes = config_changes(Path(workdir), config)
     if changes:
         print(

@@ -398,6 +398,7 @@ def test_script_prints_its_table_before_a_write_that_fails(tmp_path, cache_dir, 
     exp = train.build_experiment(_config(cache_dir), "test")
     with train.checkpoint_manager(tmp_path) as manager:
         manager.save(0, args=ocp.args.StandardSave(train.init_state(exp)))
+    (tmp_path / "config.json").write_text(_config(cache_dir).to_json_best_effort())
     (tmp_path / "one_shot_runs.json").mkdir()  # the write fails, as on a full disk
     result = _run_script(
         f"--config={CONFIG}:20way1shot,background",

@@ -793,6 +793,10 @@ def test_a_missing_config_json_is_warned_of(tmp_path, capsys):
     capsys.readouterr()
     train.train_and_evaluate(tiny(num_steps=100, checkpoint_every=50), tmp_path)
     assert "config.json is missing: this config cannot be checked" in capsys.readouterr().err
+    # And an evaluation of it (the resume wrote config.json anew).
+    (tmp_path / "config.json").unlink()
+    assert train.warn_of_config_changes(tmp_path, tiny()) == []
+    assert "config.json is missing: this config cannot be checked" in capsys.readouterr().err
 
 
 def test_training_chunk_compiles_once(tmp_path):
