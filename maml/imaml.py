@@ -117,7 +117,8 @@ def imaml_loss_and_grad(
     num_inner_steps: int,
     lam: float | jax.Array,
     num_cg_steps: int,
-) -> tuple[jax.Array, PyTree]:
+    return_cg_residual: bool = False,
+) -> tuple[jax.Array, PyTree] | tuple[jax.Array, PyTree, jax.Array]:
     """The query loss at ``phi*`` and the implicit meta-gradient, for one task.
 
     Args:
@@ -128,12 +129,18 @@ def imaml_loss_and_grad(
       inner_lr, num_inner_steps, lam: as in ``adapt_proximal``.
       num_cg_steps: static number of conjugate gradient iterations for
         ``(I + H / lam) g = grad_phi loss_fn(phi*, query)``, started at zero.
+      return_cg_residual: also return how well CG solved that system.
 
     Returns:
       ``(query_loss, meta_grad)``: the scalar ``loss_fn(phi*, query)`` and
       ``g``, a pytree shaped like ``params``. Exact for the meta-objective
       ``loss_fn(phi*(theta), query)`` when the inner loop has converged and
-      CG has solved the system.
+      CG has solved the system. With ``return_cg_residual``, a third scalar:
+      CG's relative residual ``||b - (I + H / lam) g|| / ||b||`` (0 where
+      ``b = 0``), computed from the Hessian-vector product the meta-gradient
+      takes anyway. Near 0 the solve is exact; near or above 1 (few CG steps,
+      or ``I + H / lam`` not positive definite, which CG assumes) ``g`` is far
+      from the implicit gradient, and nothing else says so.
     """
     if num_cg_steps < 1:
         raise ValueError(f"num_cg_steps must be >= 1, got {num_cg_steps}")
@@ -174,7 +181,15 @@ def imaml_loss_and_grad(
         hg,
         rates,
     )
-    return query_loss, meta_grad
+    if not return_cg_residual:
+        return query_loss, meta_grad
+    # A g = g + H_aa g / lam on the adapted leaves (g is zero on the frozen ones, b too).
+    b = adapted(query_grad)
+    residual = adapted(jax.tree.map(lambda bi, gi, hgi: bi - gi - hgi / lam, b, g, hg))
+    b_norm = jnp.sqrt(second_order.tree_vdot(b, b))
+    r_norm = jnp.sqrt(second_order.tree_vdot(residual, residual))
+    relative = jnp.where(b_norm > 0, r_norm / jnp.where(b_norm > 0, b_norm, 1), 0)
+    return query_loss, meta_grad, relative
 
 
 def batched_imaml_loss_and_grad(
@@ -187,7 +202,8 @@ def batched_imaml_loss_and_grad(
     num_inner_steps: int,
     lam: float | jax.Array,
     num_cg_steps: int,
-) -> tuple[jax.Array, PyTree]:
+    return_cg_residual: bool = False,
+) -> tuple[jax.Array, PyTree] | tuple[jax.Array, PyTree, jax.Array]:
     """Mean of ``imaml_loss_and_grad`` over a meta-batch of tasks.
 
     ``support`` and ``query`` carry a leading task axis on every leaf
@@ -195,7 +211,8 @@ def batched_imaml_loss_and_grad(
 
     Returns:
       ``(mean_query_loss, mean_meta_grad)``: a scalar and a pytree shaped
-      like ``params``, ready for an optax update.
+      like ``params``, ready for an optax update; with ``return_cg_residual``,
+      a third: the mean over tasks of CG's relative residual.
     """
 
     def one_task(s, q):
@@ -208,7 +225,9 @@ def batched_imaml_loss_and_grad(
             num_inner_steps=num_inner_steps,
             lam=lam,
             num_cg_steps=num_cg_steps,
+            return_cg_residual=return_cg_residual,
         )
 
-    losses, grads = jax.vmap(one_task)(support, query)
-    return jnp.mean(losses), jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
+    losses, grads, *residuals = jax.vmap(one_task)(support, query)
+    mean_grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
+    return jnp.mean(losses), mean_grads, *(jnp.mean(r) for r in residuals)

@@ -211,14 +211,14 @@ def meta_loss_and_grad(
 
     ``episode`` is ``task.sample``'s: ``support`` and ``query`` lead with the
     task axis on every leaf. Returns ``(scalar loss, metrics, grads)``: the
-    metrics are task means (none for iMAML), ``grads`` is shaped like ``params``
-    and follows ``config.algorithm``.
+    metrics are task means (for iMAML, CG's relative residual ``cg_residual``),
+    ``grads`` is shaped like ``params`` and follows ``config.algorithm``.
     """
     c = exp.config
     if c.algorithm == "imaml":
         from maml import imaml
 
-        loss, grads = imaml.batched_imaml_loss_and_grad(
+        loss, grads, cg_residual = imaml.batched_imaml_loss_and_grad(
             exp.loss_fn,
             params,
             episode["support"],
@@ -227,8 +227,9 @@ def meta_loss_and_grad(
             num_inner_steps=c.num_inner_steps,
             lam=c.imaml_lambda,
             num_cg_steps=c.imaml_cg_steps,
+            return_cg_residual=True,
         )
-        return loss, {}, grads
+        return loss, {"cg_residual": cg_residual}, grads
     # Finn's pretrain baseline: plain multi-task training, no inner loop.
     num_inner_steps = 0 if c.algorithm == "pretrain" else c.num_inner_steps
 

@@ -288,3 +288,48 @@ def test_float64_rate_and_lam_keep_float32_params_float32():
         loss_fn, params, support, query, inner_lr=rates, lam=np.float64(1.0), **kwargs
     )
     assert {x.dtype for x in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
+
+
+@pytest.mark.parametrize("num_cg_steps", [1, 2, 6])
+def test_cg_residual_is_the_solves_relative_residual(num_cg_steps):
+    # On a 6-dimensional quadratic, H = A_s everywhere: the residual written out.
+    n, lam = 6, 0.5
+    support, query = quadratic_task(n, seed=0)
+    theta = jnp.linspace(-1.0, 1.0, n)
+    kwargs = converged_kwargs(support, lam, num_cg_steps=num_cg_steps)
+    loss, grad, residual = imaml.imaml_loss_and_grad(
+        quadratic_loss, theta, support, query, **kwargs, return_cg_residual=True
+    )
+    plain = imaml.imaml_loss_and_grad(quadratic_loss, theta, support, query, **kwargs)
+    np.testing.assert_array_equal(loss, plain[0])
+    np.testing.assert_array_equal(grad, plain[1])
+    phi = imaml.adapt_proximal(
+        quadratic_loss,
+        theta,
+        support,
+        inner_lr=kwargs["inner_lr"],
+        num_inner_steps=kwargs["num_inner_steps"],
+        lam=lam,
+    )
+    b = query[0] @ phi - query[1]
+    expected = np.linalg.norm(b - (np.eye(n) + support[0] / lam) @ grad) / np.linalg.norm(b)
+    np.testing.assert_allclose(residual, expected, rtol=1e-6, atol=1e-12)
+    if num_cg_steps < n:
+        assert residual > 1e-3  # a partial solve shows
+    else:
+        assert residual < 1e-8  # n steps solve it
+    # Batched: the mean over tasks.
+    stack = lambda *trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)  # noqa: E731
+    other = quadratic_task(n, seed=1)
+    _, _, mean = imaml.batched_imaml_loss_and_grad(
+        quadratic_loss,
+        theta,
+        stack(support, other[0]),
+        stack(query, other[1]),
+        **kwargs,
+        return_cg_residual=True,
+    )
+    second = imaml.imaml_loss_and_grad(
+        quadratic_loss, theta, *other, **kwargs, return_cg_residual=True
+    )[2]
+    np.testing.assert_allclose(mean, (residual + second) / 2, rtol=1e-10, atol=1e-14)

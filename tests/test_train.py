@@ -60,7 +60,11 @@ def test_each_algorithm_takes_its_own_meta_gradient(algorithm):
     exp = train.build_experiment(config)
     episode = exp.task.sample(jax.random.key(1), 4)
     support, query = episode["support"], episode["query"]
-    _, _, grads = train.meta_loss_and_grad(exp, exp.init_params, episode)
+    _, metrics, grads = train.meta_loss_and_grad(exp, exp.init_params, episode)
+    # iMAML's metric is how well CG solved for its gradient; the others', the query's.
+    assert set(metrics) == ({"cg_residual"} if algorithm == "imaml" else {"mse"})
+    if algorithm == "imaml":
+        assert 0 < metrics["cg_residual"] < np.inf
 
     def maml_grad(first_order, num_inner_steps):
         return jax.grad(core.batched_meta_loss, argnums=1)(
