@@ -660,7 +660,9 @@ def config_changes(
 def _warn_if_settings_missing(workdir: Path) -> None:
     """Without the run's ``config.json`` a resume or an evaluation checks no setting (the
     split included)."""
-    if not (workdir / "config.json").exists() and (workdir / CHECKPOINTS["latest"]).is_dir():
+    # Either checkpoint: an evaluation of best_checkpoint/ alone is one of the run too.
+    held = any((workdir / folder).is_dir() for folder in CHECKPOINTS.values())
+    if not (workdir / "config.json").exists() and held:
         print(
             f"warning: {workdir / 'config.json'} is missing: this config cannot be checked "
             "against the run's settings (its split included); use the config it was trained with",

@@ -261,8 +261,9 @@ def main(argv: list[str]) -> None:
     output_dir = Path(_OUTPUT_DIR.value or workdir)
     _common.check_directory(output_dir, "--output_dir")
     with _common.user_errors("lower --num_tasks"):
-        changes = train.warn_of_config_changes(Path(workdir), config)
+        # After the restore: a missing checkpoint is one line, with no warning before it.
         exp, params, step = train.restore_params(config, workdir, CHECKPOINT.value)
+        changes = train.warn_of_config_changes(Path(workdir), config)
         num_params = sum(x.size for x in jax.tree.leaves(params))
         if _TOP_K.value > num_params:
             _common.fail(f"--top_k={_TOP_K.value} must not exceed the {num_params} parameters")

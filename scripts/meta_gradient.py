@@ -285,11 +285,12 @@ def main(argv: list[str]) -> None:
     # It measures every method, remat and not: config.remat would not help.
     memory = "lower --num_tasks (unset: config.meta_batch_size) or the largest --inner_steps"
     with _common.user_errors(memory):
-        changes = train.warn_of_config_changes(Path(workdir), config) if workdir else []
         # The train split's tasks, on a mesh that does not split the meta-batch: this
         # script computes on one device, so any device count is fine.
         exp = train.build_experiment(config, "test", task=train.build_task(config, "train"))
         params, source = load_params(exp, workdir, _CHECKPOINT.value)
+        # After the restore: a missing checkpoint is one line, with no warning before it.
+        changes = train.warn_of_config_changes(Path(workdir), config) if workdir else []
         train_key, _ = train.root_keys(config.seed)
         episode = exp.task.sample(jax.random.fold_in(train_key, 0), num_tasks)
         episode = {"support": episode["support"], "query": episode["query"]}

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -213,6 +214,23 @@ def test_analysis_without_checkpoint_exits_2(tmp_path, script, which, expected):
     assert len(lines) == 1 and lines[0].startswith("error: no checkpoint"), stderr
     assert expected in lines[0]
     assert not list(tmp_path.glob("*.json"))
+
+
+@pytest.mark.parametrize("script", ["analyze_curvature.py", "meta_gradient.py"])
+def test_analysis_without_the_asked_checkpoint_is_one_line_without_config_json(
+    workdir, tmp_path, script
+):
+    # A run with checkpoints/ but no best_checkpoint/ (eval_every=0) and no config.json:
+    # the missing-settings warning is for a checkpoint that is read, not before the error.
+    copied = tmp_path / "run"
+    shutil.copytree(workdir, copied)
+    (copied / "config.json").unlink()
+    code, _, stderr = finish(
+        start(script, f"--workdir={copied}", "--checkpoint=best", "--num_tasks=2")
+    )
+    assert code == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no checkpoint"), stderr
 
 
 @pytest.mark.parametrize(

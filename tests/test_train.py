@@ -801,6 +801,11 @@ def test_a_missing_config_json_is_warned_of(tmp_path, capsys):
     (tmp_path / "config.json").unlink()
     assert train.warn_of_config_changes(tmp_path, tiny()) == []
     assert "config.json is missing: this config cannot be checked" in capsys.readouterr().err
+    # Also where only best_checkpoint/ is left (evaluate --checkpoint=best reads it).
+    shutil.rmtree(tmp_path / "checkpoints")
+    (tmp_path / "best_checkpoint").mkdir(exist_ok=True)
+    assert train.warn_of_config_changes(tmp_path, tiny()) == []
+    assert "config.json is missing: this config cannot be checked" in capsys.readouterr().err
 
 
 def test_training_chunk_compiles_once(tmp_path):
