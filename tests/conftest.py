@@ -1,5 +1,6 @@
 """Shared test helpers."""
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -7,6 +8,26 @@ import jax
 import pytest
 
 TFDS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tfds"
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_subprocesses(monkeypatch):
+    """Kills what a test started and left running (a ``communicate`` that timed out, an
+    assertion before the wait): a hung script held a core for the rest of the suite,
+    and after it."""
+    started = []
+    popen_init = subprocess.Popen.__init__
+
+    def tracked(self, *args, **kwargs):
+        popen_init(self, *args, **kwargs)
+        started.append(self)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", tracked)
+    yield
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 @pytest.fixture
