@@ -116,7 +116,9 @@ def training_curves(records: list[dict], path: Path) -> Figure | None:
         ax.set_xlabel("meta-step")
         integer_x(ax)
         ax.set_title(" = ".join(names))
-        if key in ("loss", "mse", "val_mse", "grad_norm"):  # val_mse: on the mse's scale
+        # val_mse: on the mse's scale; cg_residual: iMAML's, from 1e-9 to above 1.
+        log = key in ("loss", "mse", "val_mse", "grad_norm", "cg_residual")
+        if log and any(r[key] > 0 for r in finite):  # a log axis of no positive value warns
             _log_y(ax)
     fig.tight_layout()
     save(fig, path)

@@ -7,6 +7,7 @@ import re
 import shutil
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 import jax
@@ -969,6 +970,19 @@ def test_nonfinite_metrics_are_logged_as_null_and_plotted_as_gaps(tmp_path):
     assert fig.axes[0].get_yscale() == "log"  # the loss
     # A run whose every validation diverged: no best to star, still a plot.
     plots.training_curves([{"step": 1, "val_mse": None}], tmp_path / "t.png")
+
+
+def test_the_cg_residual_is_plotted_on_a_log_axis(tmp_path):
+    # iMAML's residual spans 1e-9 (solved) to above 1: linear, the small ones are 0.
+    records = [{"step": s, "cg_residual": r} for s, r in [(1, 1.2), (2, 1e-3), (3, 1e-9)]]
+    fig = plots.training_curves(records, tmp_path / "t.png")
+    assert fig.axes[0].get_yscale() == "log"
+    # No positive value (exactly solved, or diverged): linear, no warning.
+    records = [{"step": 1, "loss": 0.0, "cg_residual": None}, {"step": 2, "loss": 0.0}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = plots.training_curves(records, tmp_path / "t.png")
+    assert [ax.get_yscale() for ax in fig.axes] == ["linear", "linear"]
 
 
 def test_log_values_that_are_not_numbers_are_not_plotted(tmp_path):
