@@ -53,6 +53,8 @@ def meta_gradient_fns(
     num_inner_steps: int,
     imaml_lambda: float,
     imaml_cg_steps: int,
+    imaml_cg_damping: float = 0.0,
+    imaml_lam_damping: float = 0.0,
 ) -> dict[str, GradFn]:
     """The meta-gradients of ``METHODS`` as ``grad_fn(params, support, query) -> grads``.
 
@@ -66,7 +68,9 @@ def meta_gradient_fns(
       (``remat=True``): equal values, activations recomputed instead of kept;
     * ``first_order``: first-order MAML (inner gradients held constant);
     * ``imaml``: implicit MAML's, ``num_inner_steps`` proximal steps at
-      ``inner_lr`` and ``imaml_cg_steps`` conjugate gradient iterations.
+      ``inner_lr`` and ``imaml_cg_steps`` conjugate gradient iterations (on the
+      damped system with ``imaml_cg_damping`` or ``imaml_lam_damping``: see
+      ``maml.imaml``).
     """
 
     def maml_grad(*, first_order: bool, remat: bool) -> GradFn:
@@ -96,6 +100,8 @@ def meta_gradient_fns(
             num_inner_steps=num_inner_steps,
             lam=imaml_lambda,
             num_cg_steps=imaml_cg_steps,
+            cg_damping=imaml_cg_damping,
+            lam_damping=imaml_lam_damping,
         )[1]
 
     return {

@@ -32,6 +32,19 @@ at rate 0 is not adapted (``phi`` keeps ``theta``'s value there). The system
 is then solved on the adapted block ``a`` only, and a frozen leaf ``f`` gets
 ``grad_f - H_fa g_a / lam``: its direct query gradient and its pull on
 ``phi*_a`` through the support loss.
+
+``cg_damping`` and ``lam_damping`` solve the damped system of the paper's code
+(aravindr93/imaml_dev, defaults 1 and 10) instead,
+
+    ((1 + cg_damping) I + H / (lam + lam_damping)) g = grad_phi loss_fn(phi*, query),
+
+which is the system above at ``lam' = (1 + cg_damping)(lam + lam_damping)``,
+divided by ``1 + cg_damping``: the meta-gradient is the implicit one for a
+proximal strength ``lam'`` (frozen leaves included), scaled by
+``1 / (1 + cg_damping)``, while the inner loop keeps ``lam``. A larger
+``lam'`` makes the system better conditioned (positive definite once
+``lam' > -lambda_min(H)``), and the gradient less that of the inner loop that
+ran, at ``lam``.
 """
 
 from collections.abc import Callable
@@ -96,15 +109,16 @@ def adapt_proximal(
     return jax.lax.fori_loop(0, num_inner_steps, step, params)
 
 
-def _check_lam(lam: float | jax.Array) -> None:
+def _check_lam(lam: float | jax.Array, name: str = "lam", *, least_zero: bool = False) -> None:
     """Refuses a known ``lam <= 0`` (or NaN): ``lam = 0`` makes the implicit
-    gradient NaN, a negative one finite garbage. A traced ``lam`` is not checked."""
+    gradient NaN, a negative one finite garbage. ``least_zero``: refuses a known
+    value ``< 0`` (a damping). A traced value is not checked."""
     try:
         values = np.asarray(lam, np.float64)
     except (TypeError, jax.errors.ConcretizationTypeError):
         return
-    if not np.all(values > 0):
-        raise ValueError(f"lam must be > 0, got {lam}")
+    if not np.all(values >= 0 if least_zero else values > 0):
+        raise ValueError(f"{name} must be {'>= 0' if least_zero else '> 0'}, got {lam}")
 
 
 def imaml_loss_and_grad(
@@ -117,6 +131,8 @@ def imaml_loss_and_grad(
     num_inner_steps: int,
     lam: float | jax.Array,
     num_cg_steps: int,
+    cg_damping: float | jax.Array = 0.0,
+    lam_damping: float | jax.Array = 0.0,
     return_cg_residual: bool = False,
 ) -> tuple[jax.Array, PyTree] | tuple[jax.Array, PyTree, jax.Array]:
     """The query loss at ``phi*`` and the implicit meta-gradient, for one task.
@@ -129,6 +145,9 @@ def imaml_loss_and_grad(
       inner_lr, num_inner_steps, lam: as in ``adapt_proximal``.
       num_cg_steps: static number of conjugate gradient iterations for
         ``(I + H / lam) g = grad_phi loss_fn(phi*, query)``, started at zero.
+      cg_damping, lam_damping: solve ``((1 + cg_damping) I + H / (lam +
+        lam_damping)) g = grad`` instead (both ``>= 0``; the module docstring
+        says what that gradient is). 0 and 0, the defaults: undamped.
       return_cg_residual: also return how well CG solved that system.
 
     Returns:
@@ -136,7 +155,7 @@ def imaml_loss_and_grad(
       ``g``, a pytree shaped like ``params``. Exact for the meta-objective
       ``loss_fn(phi*(theta), query)`` when the inner loop has converged and
       CG has solved the system. With ``return_cg_residual``, a third scalar:
-      CG's relative residual ``||b - (I + H / lam) g|| / ||b||`` (0 where
+      CG's relative residual ``||b - A g|| / ||b||``, ``A`` the system's matrix (0 where
       ``b = 0``), computed from the Hessian-vector product the meta-gradient
       takes anyway. Near 0 the solve is exact; near or above 1 (few CG steps,
       or ``I + H / lam`` not positive definite, which CG assumes) ``g`` is far
@@ -144,6 +163,8 @@ def imaml_loss_and_grad(
     """
     if num_cg_steps < 1:
         raise ValueError(f"num_cg_steps must be >= 1, got {num_cg_steps}")
+    _check_lam(cg_damping, "cg_damping", least_zero=True)
+    _check_lam(lam_damping, "lam_damping", least_zero=True)
     # The meta-gradient comes from the implicit function theorem, not from
     # backpropagating through the inner loop.
     params = jax.lax.stop_gradient(params)
@@ -160,22 +181,25 @@ def imaml_loss_and_grad(
     def support_loss(p):
         return loss_fn(p, support)
 
-    # (I + H_aa / lam) g_a = grad_a; the frozen block is the identity with zero
-    # right-hand side, so CG leaves it at zero. A rate of 0, scalar or per leaf,
-    # freezes; with every rate a non-zero constant the masks and ``hg`` fold away.
+    # (s I + H_aa / m) g_a = grad_a (undamped: s = 1, m = lam); the frozen block is
+    # s I with zero right-hand side, so CG leaves it at zero. A rate of 0, scalar or
+    # per leaf, freezes; with every rate a non-zero constant the masks and ``hg`` fold away.
     rates = core.per_leaf_rates(inner_lr, params)
 
     def adapted(tree):
         return jax.tree.map(lambda x, r: jnp.where(r != 0, x, 0), tree, rates)
 
+    s, m = 1 + cg_damping, lam + lam_damping
+
     def masked_matvec(v):
         hv = adapted(second_order.hvp(support_loss, phi, adapted(v)))
-        return jax.tree.map(lambda vi, hvi: (vi + hvi / lam).astype(vi.dtype), v, hv)
+        return jax.tree.map(lambda vi, hvi: (s * vi + hvi / m).astype(vi.dtype), v, hv)
 
     g = second_order.conjugate_gradient(masked_matvec, adapted(query_grad), num_iters=num_cg_steps)
     hg = second_order.hvp(support_loss, phi, g)
+    # A frozen leaf's at lam' = s m, scaled by 1 / s as the adapted ones are.
     meta_grad = jax.tree.map(
-        lambda gi, qi, hgi, r: jnp.where(r != 0, gi, qi - hgi / lam).astype(gi.dtype),
+        lambda gi, qi, hgi, r: jnp.where(r != 0, gi, (qi - hgi / m) / s).astype(gi.dtype),
         g,
         query_grad,
         hg,
@@ -183,9 +207,9 @@ def imaml_loss_and_grad(
     )
     if not return_cg_residual:
         return query_loss, meta_grad
-    # A g = g + H_aa g / lam on the adapted leaves (g is zero on the frozen ones, b too).
+    # A g = s g + H_aa g / m on the adapted leaves (g is zero on the frozen ones, b too).
     b = adapted(query_grad)
-    residual = adapted(jax.tree.map(lambda bi, gi, hgi: bi - gi - hgi / lam, b, g, hg))
+    residual = adapted(jax.tree.map(lambda bi, gi, hgi: bi - s * gi - hgi / m, b, g, hg))
     b_norm = jnp.sqrt(second_order.tree_vdot(b, b))
     r_norm = jnp.sqrt(second_order.tree_vdot(residual, residual))
     relative = jnp.where(b_norm > 0, r_norm / jnp.where(b_norm > 0, b_norm, 1), 0)
@@ -202,6 +226,8 @@ def batched_imaml_loss_and_grad(
     num_inner_steps: int,
     lam: float | jax.Array,
     num_cg_steps: int,
+    cg_damping: float | jax.Array = 0.0,
+    lam_damping: float | jax.Array = 0.0,
     return_cg_residual: bool = False,
 ) -> tuple[jax.Array, PyTree] | tuple[jax.Array, PyTree, jax.Array]:
     """Mean of ``imaml_loss_and_grad`` over a meta-batch of tasks.
@@ -225,6 +251,8 @@ def batched_imaml_loss_and_grad(
             num_inner_steps=num_inner_steps,
             lam=lam,
             num_cg_steps=num_cg_steps,
+            cg_damping=cg_damping,
+            lam_damping=lam_damping,
             return_cg_residual=return_cg_residual,
         )
 

@@ -227,6 +227,8 @@ def meta_loss_and_grad(
             num_inner_steps=c.num_inner_steps,
             lam=c.imaml_lambda,
             num_cg_steps=c.imaml_cg_steps,
+            cg_damping=c.imaml_cg_damping,
+            lam_damping=c.imaml_lam_damping,
             return_cg_residual=True,
         )
         return loss, {"cg_residual": cg_residual}, grads

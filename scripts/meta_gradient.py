@@ -7,7 +7,8 @@
 For one meta-batch of ``--num_tasks`` tasks from the config's task family
 (train split) and each ``--inner_steps`` count, it computes the exact
 second-order MAML meta-gradient (with and without ``remat``), first-order
-MAML's and iMAML's (``config.imaml_lambda``, ``config.imaml_cg_steps``);
+MAML's and iMAML's (``config.imaml_lambda``, ``config.imaml_cg_steps``, and
+``config.imaml_cg_damping`` and ``imaml_lam_damping``);
 their norms and pairwise cosine similarities; the exact one against central
 finite differences of the meta-loss along a random unit direction; and the
 time (jitted, compile excluded, median of ``--repeats``) and the compiled
@@ -125,6 +126,8 @@ def measure(
             num_inner_steps=num_inner_steps,
             imaml_lambda=config.imaml_lambda,
             imaml_cg_steps=config.imaml_cg_steps,
+            imaml_cg_damping=config.imaml_cg_damping,
+            imaml_lam_damping=config.imaml_lam_damping,
         )
         grads, methods = {}, {}
         for name, fn in fns.items():

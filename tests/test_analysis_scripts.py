@@ -68,6 +68,8 @@ def outputs(workdir, tmp_path_factory):
             "--num_tasks=2",
             "--repeats=1",
             "--config.meta_batch_size=3",
+            "--config.imaml_cg_damping=0.5",  # reaches iMAML's gradient: recomputed below
+            "--config.imaml_lam_damping=3.0",
             env=env,
         ),
         "curvature": start(
@@ -111,6 +113,8 @@ def _reference_meta_gradients(workdir, num_tasks, num_inner_steps):
             **kwargs,
             imaml_lambda=config.imaml_lambda,
             imaml_cg_steps=config.imaml_cg_steps,
+            imaml_cg_damping=0.5,
+            imaml_lam_damping=3.0,
         )
         grads = {name: jax.jit(fn)(params, support, query) for name, fn in fns.items()}
         meta_loss = core.batched_meta_loss(loss_fn, params, support, query, **kwargs)
@@ -131,8 +135,13 @@ def test_meta_gradient_json_and_checks(outputs, workdir):
     for key in ("params_source", "dtype", "num_params", "num_tasks", "inner_steps", "results"):
         assert key in report
     assert report["params_source"] == "latest checkpoint step 50"
-    assert report["config_changes"] == ["meta_batch_size 4 -> 3"]
-    assert "meta_batch_size 4 -> 3" in stdout["meta_gradient_stderr"]
+    changes = [
+        "meta_batch_size 4 -> 3",
+        "imaml_cg_damping 0.0 -> 0.5",
+        "imaml_lam_damping 0.0 -> 3.0",
+    ]
+    assert report["config_changes"] == changes
+    assert "; ".join(changes) in stdout["meta_gradient_stderr"]
     assert report["dtype"] == "float64"
     assert [r["num_inner_steps"] for r in report["results"]] == [2]
     assert report["inner_steps"] == [2] and report["num_tasks"] == 2  # not meta_batch_size's 3

@@ -173,6 +173,13 @@ def mlp_task(seed):
     return loss_fn, params, (xs, jnp.sin(xs)), (xq, jnp.sin(xq))
 
 
+def frozen_bias_rates(params):
+    """adapt_norm=False's per-leaf rates: the biases kept out of the inner loop."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: 0.0 if "bias" in jax.tree_util.keystr(path) else 0.05, params
+    )
+
+
 @pytest.mark.parametrize("frozen", [None, "bias"])
 def test_matches_unrolled_gradient_on_mlp_when_converged(frozen):
     # With the inner loop converged, differentiating through every inner step
@@ -181,9 +188,7 @@ def test_matches_unrolled_gradient_on_mlp_when_converged(frozen):
     loss_fn, params, support, query = mlp_task(0)
     inner_lr = 0.05
     if frozen:
-        inner_lr = jax.tree_util.tree_map_with_path(
-            lambda path, _: 0.0 if frozen in jax.tree_util.keystr(path) else 0.05, params
-        )
+        inner_lr = frozen_bias_rates(params)
     kwargs = dict(inner_lr=inner_lr, num_inner_steps=600, lam=4.0)
     _, grad = jax.jit(
         lambda p: imaml.imaml_loss_and_grad(loss_fn, p, support, query, num_cg_steps=40, **kwargs)
@@ -339,9 +344,7 @@ def test_cg_residual_with_a_frozen_leaf_is_the_adapted_blocks():
     # adapt_norm=False's per-leaf rates: the system is I + H_aa / lam on the adapted
     # leaves only, checked against the dense Hessian.
     loss_fn, params, support, query = mlp_task(0)
-    rates = jax.tree_util.tree_map_with_path(
-        lambda path, _: 0.0 if "bias" in jax.tree_util.keystr(path) else 0.05, params
-    )
+    rates = frozen_bias_rates(params)
     kwargs = dict(inner_lr=rates, num_inner_steps=5, lam=1.0, num_cg_steps=2)
     _, grad, residual = imaml.imaml_loss_and_grad(
         loss_fn, params, support, query, **kwargs, return_cg_residual=True
@@ -358,3 +361,75 @@ def test_cg_residual_with_a_frozen_leaf_is_the_adapted_blocks():
     expected = np.linalg.norm(r) / np.linalg.norm(b)
     assert expected > 1e-3  # a partial solve: the test can fail
     np.testing.assert_allclose(residual, expected, rtol=1e-8)
+
+
+@pytest.mark.parametrize("num_cg_steps", [3, 40])
+def test_damping_is_the_undamped_gradient_at_a_larger_lam_scaled(num_cg_steps):
+    # The reference code's damped system at lam 2, cg_damping 1, lam_damping 10 is
+    # 2 (I + H / 24): with phi* = theta (0 inner steps, so the inner loop's lam does
+    # not matter), its gradient is half the undamped one at lam 24, frozen leaves
+    # included; CG's iterates scale too, so also a partial solve.
+    loss_fn, params, support, query = mlp_task(0)
+    kwargs = dict(inner_lr=frozen_bias_rates(params), num_inner_steps=0, num_cg_steps=num_cg_steps)
+    _, damped, residual = imaml.imaml_loss_and_grad(
+        loss_fn,
+        params,
+        support,
+        query,
+        **kwargs,
+        lam=2.0,
+        cg_damping=1.0,
+        lam_damping=10.0,
+        return_cg_residual=True,
+    )
+    _, undamped, plain_residual = imaml.imaml_loss_and_grad(
+        loss_fn, params, support, query, **kwargs, lam=24.0, return_cg_residual=True
+    )
+    flat, flat_undamped = (ravel_pytree(t)[0] for t in (damped, undamped))
+    np.testing.assert_allclose(flat, flat_undamped / 2, rtol=1e-9, atol=1e-13)
+    np.testing.assert_allclose(residual, plain_residual, rtol=1e-9, atol=1e-13)
+    # And not the undamped gradient at lam 2: the test can fail.
+    _, at_lam = imaml.imaml_loss_and_grad(loss_fn, params, support, query, **kwargs, lam=2.0)
+    assert np.linalg.norm(ravel_pytree(at_lam)[0] - flat) > 1e-3
+
+
+def test_damped_system_against_the_dense_hessian():
+    # With inner steps, phi* moves and the damping solves
+    # ((1 + c) I + H_aa / (lam + d)) g_a = grad_a; a frozen leaf gets
+    # (grad_f - H_fa g_a / (lam + d)) / (1 + c).
+    loss_fn, params, support, query = mlp_task(1)
+    rates = frozen_bias_rates(params)
+    c, d, lam = 0.5, 3.0, 1.0
+    _, grad, residual = imaml.imaml_loss_and_grad(
+        loss_fn,
+        params,
+        support,
+        query,
+        inner_lr=rates,
+        num_inner_steps=5,
+        lam=lam,
+        num_cg_steps=60,
+        cg_damping=c,
+        lam_damping=d,
+        return_cg_residual=True,
+    )
+    phi = imaml.adapt_proximal(loss_fn, params, support, inner_lr=rates, num_inner_steps=5, lam=lam)
+    flat_phi, unravel = ravel_pytree(phi)
+    H = np.asarray(jax.hessian(lambda f: loss_fn(unravel(f), support))(flat_phi))
+    mask = ravel_pytree(jax.tree.map(lambda p, r: jnp.full(p.shape, r != 0), params, rates))[0]
+    a, f = np.flatnonzero(np.asarray(mask)), np.flatnonzero(~np.asarray(mask))
+    q = np.asarray(ravel_pytree(jax.grad(loss_fn)(phi, query))[0])
+    g_a = np.linalg.solve((1 + c) * np.eye(a.size) + H[np.ix_(a, a)] / (lam + d), q[a])
+    expected = np.empty_like(q)
+    expected[a] = g_a
+    expected[f] = (q[f] - H[np.ix_(f, a)] @ g_a / (lam + d)) / (1 + c)
+    np.testing.assert_allclose(ravel_pytree(grad)[0], expected, rtol=1e-8, atol=1e-12)
+    assert residual < 1e-8
+
+
+@pytest.mark.parametrize("name", ["cg_damping", "lam_damping"])
+def test_negative_damping_is_refused(name):
+    loss_fn, params, support, query = mlp_task(0)
+    kwargs = dict(inner_lr=0.05, num_inner_steps=1, lam=1.0, num_cg_steps=2)
+    with pytest.raises(ValueError, match=f"{name} must be >= 0"):
+        imaml.imaml_loss_and_grad(loss_fn, params, support, query, **kwargs, **{name: -1.0})

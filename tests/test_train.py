@@ -57,6 +57,8 @@ def test_each_algorithm_takes_its_own_meta_gradient(algorithm):
         num_inner_steps=2,
         imaml_lambda=0.7,
         imaml_cg_steps=3,
+        imaml_cg_damping=0.5,
+        imaml_lam_damping=2.0,
     )
     exp = train.build_experiment(config)
     episode = exp.task.sample(jax.random.key(1), 4)
@@ -91,6 +93,8 @@ def test_each_algorithm_takes_its_own_meta_gradient(algorithm):
             num_inner_steps=2,
             lam=0.7,
             num_cg_steps=3,
+            cg_damping=0.5,
+            lam_damping=2.0,
         )[1],
     }
     for name, other in kinds.items():

@@ -98,6 +98,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     )
     for name in ("inner_lr", "outer_lr", "eval_inner_lr", "imaml_lambda"):
         _check(config, name, _is_rate, "a finite positive number")
+    for name in ("imaml_cg_damping", "imaml_lam_damping"):
+        _check(
+            config,
+            name,
+            lambda v: (_is_number(v) and v == 0) or _is_rate(v),
+            "a finite number >= 0",
+        )
     _check(
         config,
         "hidden_sizes",

@@ -40,6 +40,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.outer_lr = 1e-3
     c.imaml_lambda = 1.0
     c.imaml_cg_steps = 5
+    # The damped system of the iMAML paper's code (1 and 10 there; maml.imaml says what
+    # it solves); 0 and 0: (I + H / lambda) g = grad, undamped.
+    c.imaml_cg_damping = 0.0
+    c.imaml_lam_damping = 0.0
     c.seed = 0
     # Seed of the test tasks scripts/evaluate.py draws; unset: config.seed. Set it
     # to compare runs of different seeds on the same tasks.
