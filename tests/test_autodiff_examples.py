@@ -29,9 +29,11 @@ def results():
     return json.loads(completed.stdout)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def script():
-    """The script as a module; importing it must not run anything."""
+    """The script as a module; importing it must not run anything. Once per process:
+    absl refuses to define its --json flag twice, as a second setup (this module's
+    tests run apart, with other files' tests in between) did."""
     spec = importlib.util.spec_from_file_location("autodiff_examples", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

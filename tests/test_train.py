@@ -30,6 +30,16 @@ def tiny(**overrides):
     return config
 
 
+@pytest.fixture
+def ctrl_c():
+    """Python's own SIGINT handler (KeyboardInterrupt), for a test that raises SIGINT: a
+    pytest started in the background by a non-interactive shell (``pytest &`` in a
+    script) inherits SIGINT ignored, and the signal did nothing."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def test_training_lowers_post_adaptation_loss(tmp_path):
     config = tiny(num_steps=300, log_every=100, checkpoint_every=300)
     exp = train.build_experiment(config)
@@ -182,7 +192,9 @@ def test_ctrl_c_saves_the_last_step_and_resumes_bit_for_bit(tmp_path, monkeypatc
     assert after and all(1000.0 < r["wall_s"] < 1100.0 for r in after)
 
 
-def test_ctrl_c_inside_the_chunk_call_after_donation_loses_nothing(tmp_path, monkeypatch, capsys):
+def test_ctrl_c_inside_the_chunk_call_after_donation_loses_nothing(
+    tmp_path, monkeypatch, capsys, ctrl_c
+):
     # The chunk donates the old state; a Ctrl-C delivered before its result is
     # assigned must wait for the assignment, else nothing is left to save.
     full = train.train_and_evaluate(tiny(), tmp_path / "full")
@@ -609,7 +621,7 @@ def test_eval_seed_draws_the_same_test_tasks_for_runs_of_any_seed(tmp_path, caps
         validate(tiny(eval_seed=-1))
 
 
-def test_an_error_while_signals_are_held_is_what_propagates():
+def test_an_error_while_signals_are_held_is_what_propagates(ctrl_c):
     # Multi-process runs hold signals for the whole loop: a divergence with a signal
     # pending must end as the divergence (each process exits 2), not as the signal.
     with pytest.raises(ValueError, match="diverged"):
@@ -621,7 +633,9 @@ def test_an_error_while_signals_are_held_is_what_propagates():
             signal.raise_signal(signal.SIGINT)
 
 
-def test_an_interrupt_in_a_diverging_chunk_saves_no_nan_checkpoint(tmp_path, monkeypatch, capsys):
+def test_an_interrupt_in_a_diverging_chunk_saves_no_nan_checkpoint(
+    tmp_path, monkeypatch, capsys, ctrl_c
+):
     # The signal is held through the chunk and raised before its finiteness check,
     # which the interrupt's save skipped: it saved the NaN state.
     make_train_chunk = train.make_train_chunk
@@ -1327,7 +1341,7 @@ def test_test_tasks_are_not_drawn_from_a_validation_key(tmp_path, monkeypatch):
 
 
 def test_an_interrupt_while_the_last_save_finishes_is_one_and_the_rerun_plots(
-    tmp_path, monkeypatch, capsys
+    tmp_path, monkeypatch, capsys, ctrl_c
 ):
     # After the last chunk the run waits for orbax to finish its save: a Ctrl-C there
     # was orbax's traceback, with no word of the checkpoint, and no end plots ever.
