@@ -155,10 +155,10 @@ def imaml_loss_and_grad(
       ``g``, a pytree shaped like ``params``. Exact for the meta-objective
       ``loss_fn(phi*(theta), query)`` when the inner loop has converged and
       CG has solved the system. With ``return_cg_residual``, a third scalar:
-      CG's relative residual ``||b - A g|| / ||b||``, ``A`` the system's matrix (0 where
-      ``b = 0``), computed from the Hessian-vector product the meta-gradient
-      takes anyway. Near 0 the solve is exact; near or above 1 (few CG steps,
-      or ``I + H / lam`` not positive definite, which CG assumes) ``g`` is far
+      CG's relative residual ``||b - A g|| / ||b||``, ``A`` the system's matrix
+      (0 where ``b = 0``), computed from the Hessian-vector product the
+      meta-gradient takes anyway. Near 0 the solve is exact; near or above 1 (few
+      CG steps, or ``A`` not positive definite, which CG assumes) ``g`` is far
       from the implicit gradient, and nothing else says so.
     """
     if num_cg_steps < 1:

@@ -626,6 +626,10 @@ SPLIT_FIELDS = ("split_protocol", "split_seed", "num_validation_classes")
 """Config fields that decide, within a task family, which examples are meta-train,
 validation and test."""
 
+IMPLIED_SETTINGS = {"imaml_cg_damping": 0.0, "imaml_lam_damping": 0.0}
+"""Config fields added after runs were saved without them, with the value such a run
+trained with: compared as that, so that resuming one with another is a change."""
+
 
 def config_changes(
     workdir: Path,
@@ -636,7 +640,7 @@ def config_changes(
 ) -> list[str]:
     """``"field old -> new"`` for each of ``fields`` (default: every field outside
     ``RESUMABLE_CHANGES``) in which ``config`` differs from the run's ``config.json``
-    (or ``saved_as``; fields it lacks are skipped)."""
+    (or ``saved_as``; fields it lacks are skipped, but for ``IMPLIED_SETTINGS``)."""
     path = workdir / saved_as
     if not path.exists():
         return []
@@ -649,6 +653,7 @@ def config_changes(
             f"{path}, the run's settings, is not a JSON object of settings ({e}): repair it "
             "(it must hold the settings the run was started with)."
         ) from e
+    saved = {**IMPLIED_SETTINGS, **saved}
     current = json.loads(config.to_json_best_effort())
     return [
         f"{k} {saved[k]!r} -> {v!r}"

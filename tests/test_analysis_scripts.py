@@ -617,10 +617,25 @@ def test_meta_gradient_fns_pass_their_settings_on(x64):
         return task.loss(apply_fn(p, batch[0]), batch[1])
 
     kwargs = dict(inner_lr=0.03, num_inner_steps=3)
-    fns = analysis.meta_gradient_fns(loss_fn, **kwargs, imaml_lambda=2.0, imaml_cg_steps=3)
+    fns = analysis.meta_gradient_fns(
+        loss_fn,
+        **kwargs,
+        imaml_lambda=2.0,
+        imaml_cg_steps=3,
+        imaml_cg_damping=0.5,
+        imaml_lam_damping=3.0,
+    )
     expected = jax.jit(
         lambda p: imaml.batched_imaml_loss_and_grad(
-            loss_fn, p, support, query, **kwargs, lam=2.0, num_cg_steps=3
+            loss_fn,
+            p,
+            support,
+            query,
+            **kwargs,
+            lam=2.0,
+            num_cg_steps=3,
+            cg_damping=0.5,
+            lam_damping=3.0,
         )[1]
     )(params)
     jax.tree.map(

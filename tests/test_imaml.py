@@ -229,13 +229,14 @@ def test_rate_zero_adapts_nothing(per_leaf):
     np.testing.assert_allclose(flat, flat_expected, rtol=1e-12, atol=1e-14)
 
 
-def test_batched_is_the_mean_over_tasks():
+@pytest.mark.parametrize("damping", [{}, dict(cg_damping=1.0, lam_damping=2.0)])
+def test_batched_is_the_mean_over_tasks(damping):
     n = 4
     tasks = [quadratic_task(n, seed) for seed in range(3)]
     support = jax.tree.map(lambda *xs: jnp.stack(xs), *[t[0] for t in tasks])
     query = jax.tree.map(lambda *xs: jnp.stack(xs), *[t[1] for t in tasks])
     theta = jnp.full(n, 0.2)
-    kwargs = dict(inner_lr=0.1, num_inner_steps=100, lam=1.0, num_cg_steps=n)
+    kwargs = dict(inner_lr=0.1, num_inner_steps=100, lam=1.0, num_cg_steps=n, **damping)
     loss, grad = jax.jit(
         lambda t, s, q: imaml.batched_imaml_loss_and_grad(quadratic_loss, t, s, q, **kwargs)
     )(theta, support, query)

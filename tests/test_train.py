@@ -363,6 +363,12 @@ def test_config_changes_lets_through_how_long_how_often_where_and_evaluation(tmp
     del saved["remat"]
     (tmp_path / "config.json").write_text(json.dumps(saved))
     assert train.config_changes(tmp_path, tiny()) == []
+    # But one from before the damping fields trained undamped: damping it is a change.
+    del saved["imaml_cg_damping"], saved["imaml_lam_damping"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert train.config_changes(tmp_path, tiny()) == []
+    damped = tiny(imaml_cg_damping=1.0)
+    assert train.config_changes(tmp_path, damped) == ["imaml_cg_damping 0.0 -> 1.0"]
     # An empty one would compare nothing: the run's settings are lost.
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(train.CheckpointError, match="not a JSON object of settings"):
