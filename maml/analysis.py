@@ -320,24 +320,29 @@ def per_task_lambda_max(
     return jax.lax.map(one_task, (support, jax.random.split(key, num_tasks)))
 
 
-def sgd_stability(inner_lr: float, lambda_max: float) -> dict[str, float | bool]:
+def sgd_stability(inner_lr: float, lambda_max: float, lam: float = 0.0) -> dict[str, float | bool]:
     """Gradient descent at ``inner_lr`` on a quadratic of top curvature ``lambda_max``.
 
     It converges along the top eigendirection iff ``inner_lr < 2 / lambda_max``
-    (for ``lambda_max > 0``).
+    (for ``lambda_max > 0``). ``lam``: iMAML's proximal strength; its inner
+    loop descends ``loss + lam / 2 ||phi - theta||^2``, of top curvature
+    ``lambda_max + lam``, so its limit is ``2 / (lambda_max + lam)``.
 
     Returns:
-      ``{"lambda_max", "limit_lr" (2 / lambda_max, inf if lambda_max <= 0, NaN if
-      lambda_max is not finite), "inner_lr", "ratio" (inner_lr / limit_lr), "stable"}``;
-      a ``lambda_max`` that is not finite (a diverged estimate) is never stable.
+      ``{"lambda_max", "lam", "limit_lr" (2 / (lambda_max + lam), inf if that
+      curvature is <= 0, NaN if it is not finite), "inner_lr", "ratio" (inner_lr /
+      limit_lr), "stable"}``; a ``lambda_max`` that is not finite (a diverged
+      estimate) is never stable.
     """
-    lambda_max = float(lambda_max)
-    if not math.isfinite(lambda_max):
+    lambda_max, lam = float(lambda_max), float(lam)
+    top = lambda_max + lam
+    if not math.isfinite(top):
         limit = math.nan
     else:
-        limit = 2.0 / lambda_max if lambda_max > 0 else math.inf
+        limit = 2.0 / top if top > 0 else math.inf
     return {
         "lambda_max": lambda_max,
+        "lam": lam,
         "limit_lr": limit,
         "inner_lr": float(inner_lr),
         "ratio": float(inner_lr) / limit,

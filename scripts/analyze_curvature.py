@@ -15,10 +15,12 @@ density (stochastic Lanczos quadrature, ``--num_probes`` probes) of
       adapted leaves only: with ``adapt_norm=False`` BatchNorm's scale and
       offset are held fixed, and add zero eigenvalues to the density);
   (b) the meta-loss, the mean over tasks of ``meta_loss`` with the config's
-      ``num_inner_steps`` and ``inner_lr``;
+      ``num_inner_steps`` and ``inner_lr`` (for an iMAML config, the query
+      loss after its proximal inner steps, ``imaml.adapt_proximal``);
 
 and compares ``config.inner_lr`` with the SGD stability limit
-``2 / lambda_max`` of the support loss, for the batch and for each task.
+``2 / lambda_max`` of the support loss (iMAML's proximal steps:
+``2 / (lambda_max + imaml_lambda)``), for the batch and for each task.
 Writes ``curvature.json`` and ``curvature.png`` to ``--output_dir`` (default
 ``--workdir``) and prints a summary. With no checkpoint it stops with one
 line and exit status 2.
@@ -29,11 +31,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from maml import analysis, core, train
+from maml import analysis, core, imaml, train
 
 import _common
 
@@ -84,15 +87,33 @@ def analyze(
     def support_loss(p, support):
         return analysis.support_loss(inner_loss_fn, p, support)
 
+    # iMAML's inner loop is proximal: its meta-loss is the query loss at the point its
+    # meta-gradient is taken, and its steps see the curvature plus lam.
+    lam = config.imaml_lambda if config.algorithm == "imaml" else 0.0
+
     def meta_loss(p, support, query):
-        return core.batched_meta_loss(
-            exp.loss_fn,
-            p,
-            support,
-            query,
-            inner_lr=inner_lr,
-            num_inner_steps=config.num_inner_steps,
-        )
+        if not lam:
+            return core.batched_meta_loss(
+                exp.loss_fn,
+                p,
+                support,
+                query,
+                inner_lr=inner_lr,
+                num_inner_steps=config.num_inner_steps,
+            )
+
+        def task_loss(s, q):
+            phi = imaml.adapt_proximal(
+                exp.loss_fn,
+                p,
+                s,
+                inner_lr=inner_lr,
+                num_inner_steps=config.num_inner_steps,
+                lam=lam,
+            )
+            return exp.loss_fn(phi, q)
+
+        return jnp.mean(jax.vmap(task_loss)(support, query))
 
     # Fail fast: the spectra take most of the run.
     for name, value in (
@@ -151,25 +172,30 @@ def analyze(
         "num_probes": num_probes,
         "support_loss": support_result,
         "meta_loss": meta_result,
-        "stability": analysis.sgd_stability(config.inner_lr, support_result["eigenvalues"][0]),
-        "per_task": [analysis.sgd_stability(config.inner_lr, lam) for lam in per_task],
+        "imaml_lambda": lam or None,
+        "stability": analysis.sgd_stability(config.inner_lr, support_result["eigenvalues"][0], lam),
+        "per_task": [analysis.sgd_stability(config.inner_lr, top, lam) for top in per_task],
         "per_task_wall_s": per_task_s,
     }
 
 
 def plot(report: dict, path: Path) -> "Figure":
     """Both spectra on symmetric-log eigenvalue axes, marked with the top eigenvalues,
-    the SGD limit ``2 / inner_lr`` and (support loss) each task's ``lambda_max``."""
+    the SGD limit ``2 / inner_lr`` (iMAML's: ``2 / inner_lr - lambda``) and (support
+    loss) each task's ``lambda_max``."""
     from matplotlib.figure import Figure
 
     from maml import plots
 
     fig = Figure(figsize=(13, 4.5))
     axes = fig.subplots(1, 2)
-    limit, steps = 2.0 / report["inner_lr"], report["num_inner_steps"]
+    lam = report.get("imaml_lambda") or 0.0
+    limit, steps = 2.0 / report["inner_lr"] - lam, report["num_inner_steps"]
+    limit_label = "2 / inner_lr" + (f" - lambda ({lam:.3g})" if lam else "")
+    kind = "proximal inner step" if lam else "inner step"
     for ax, name, title in (
         (axes[0], "support_loss", "pre-adaptation support loss"),
-        (axes[1], "meta_loss", f"meta-loss ({steps} inner step{'s' if steps != 1 else ''})"),
+        (axes[1], "meta_loss", f"meta-loss ({steps} {kind}{'s' if steps != 1 else ''})"),
     ):
         r = report[name]
         grid, density = np.asarray(r["grid"]), np.asarray(r["density"])
@@ -179,7 +205,7 @@ def plot(report: dict, path: Path) -> "Figure":
             ax.axvline(
                 lam, color="C1", lw=0.8, ls="--", label="top eigenvalues" if i == 0 else None
             )
-        ax.axvline(limit, color="C3", lw=1.5, label=f"2 / inner_lr = {limit:.3g}")
+        ax.axvline(limit, color="C3", lw=1.5, label=f"{limit_label} = {limit:.3g}")
         if name == "support_loss":
             for i, t in enumerate(report["per_task"]):
                 ax.axvline(
@@ -212,7 +238,8 @@ def plot(report: dict, path: Path) -> "Figure":
         ax.grid(alpha=0.3)
     fig.suptitle(
         f"{report['config_name']}: {report['num_params']} params, step {report['step']}, "
-        f"inner_lr * lambda_max / 2 = {report['stability']['ratio']:.3g}"
+        f"inner_lr * {'(lambda_max + lambda)' if lam else 'lambda_max'} / 2 = "
+        f"{report['stability']['ratio']:.3g}"
     )
     fig.tight_layout()
     plots.save(fig, path)
@@ -222,6 +249,8 @@ def plot(report: dict, path: Path) -> "Figure":
 def print_summary(report: dict) -> None:
     """Prints the losses, top eigenvalues and the stability of inner SGD, per batch and task."""
     s = report["stability"]
+    # iMAML's proximal steps see the support loss's curvature plus lambda.
+    limit = f"2/(lambda_max + {s['lam']:.4g})" if s.get("lam") else "2/lambda_max"
     print(
         f"{report['config_name']}: {report['num_params']} params "
         f"({report['num_adapted_params']} adapted in the inner loop), checkpoint step "
@@ -232,12 +261,12 @@ def print_summary(report: dict) -> None:
         eig = ", ".join(f"{x:.4g}" for x in r["eigenvalues"])
         print(f"  {name:<12} loss {r['value']:.4g}  top eigenvalues [{eig}]  ({r['wall_s']:.1f} s)")
     print(
-        f"  inner_lr {s['inner_lr']:.4g} vs 2/lambda_max {s['limit_lr']:.4g} of the support loss: "
+        f"  inner_lr {s['inner_lr']:.4g} vs {limit} {s['limit_lr']:.4g} of the support loss: "
         f"ratio {s['ratio']:.3g} ({'stable' if s['stable'] else 'UNSTABLE'})"
     )
     for i, t in enumerate(report["per_task"]):
         print(
-            f"    task {i}: lambda_max {t['lambda_max']:.4g}, 2/lambda_max {t['limit_lr']:.4g}, "
+            f"    task {i}: lambda_max {t['lambda_max']:.4g}, {limit} {t['limit_lr']:.4g}, "
             f"ratio {t['ratio']:.3g} ({'stable' if t['stable'] else 'UNSTABLE'})"
         )
     print(f"  total wall time {report['wall_s']:.1f} s")

@@ -597,6 +597,44 @@ def test_curvature_of_frozen_leaves_is_of_the_adapted_leaves(monkeypatch):
     assert report["meta_loss"]["value"] == pytest.approx(float(expected), rel=1e-5)
 
 
+def test_curvature_of_an_imaml_config_is_of_its_proximal_inner_loop(monkeypatch):
+    # iMAML's inner steps descend loss + lam/2 ||phi - theta||^2: their stability limit
+    # is 2 / (lambda_max + lam), and its meta-loss is the query loss where they end.
+    script = load_script("analyze_curvature", monkeypatch)
+    config = sinusoid.get_config("tiny")
+    config.algorithm, config.num_inner_steps, config.imaml_lambda = "imaml", 3, 30.0
+    exp = train.build_experiment(config)
+    params = exp.init_params
+    report = script.analyze(exp, params, num_tasks=2, top_k=1, num_iters=8, num_probes=1, seed=0)
+    episode = exp.task.sample(jax.random.split(jax.random.key(0))[0], 2)
+
+    def proximal_query_loss(support, query):
+        phi = imaml.adapt_proximal(
+            exp.loss_fn, params, support, inner_lr=0.01, num_inner_steps=3, lam=30.0
+        )
+        return exp.loss_fn(phi, query)
+
+    expected = jnp.mean(jax.vmap(proximal_query_loss)(episode["support"], episode["query"]))
+    maml = core.batched_meta_loss(
+        exp.loss_fn, params, episode["support"], episode["query"], inner_lr=0.01, num_inner_steps=3
+    )
+    assert report["meta_loss"]["value"] == pytest.approx(float(expected), rel=1e-5)
+    assert report["meta_loss"]["value"] != pytest.approx(float(maml), rel=1e-3)
+    assert report["imaml_lambda"] == 30.0
+    for s in (report["stability"], *report["per_task"]):
+        assert s["lam"] == 30.0
+        assert s["limit_lr"] == pytest.approx(2 / (s["lambda_max"] + 30.0))
+
+
+def test_sgd_stability_with_imamls_proximal_term():
+    # 0.01 < 2 / 190, but not < 2 / (190 + 20): the proximal term's curvature counts.
+    assert analysis.sgd_stability(0.01, 190.0)["stable"]
+    shifted = analysis.sgd_stability(0.01, 190.0, lam=20.0)
+    assert shifted["limit_lr"] == pytest.approx(2 / 210) and not shifted["stable"]
+    # A concave top direction (lambda_max < 0) is bounded by the proximal term alone.
+    assert analysis.sgd_stability(0.5, -3.0, lam=5.0)["limit_lr"] == pytest.approx(1.0)
+
+
 def test_sgd_stability_at_the_limit_and_at_zero_curvature():
     # inner_lr = 2 / lambda_max exactly: the top direction oscillates forever, not stable.
     at_limit = analysis.sgd_stability(0.2, 10.0)
