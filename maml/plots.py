@@ -62,8 +62,9 @@ def _log_y(ax: Any) -> None:
 
 def training_curves(records: list[dict], path: Path) -> Figure | None:
     """One panel per logged metric against the meta-step (a null value, not finite
-    when logged, is a gap, marked with an x at the top edge); metrics logged with the
-    same values (a regression's loss and mse) share one, titled ``"loss = mse"``."""
+    when logged, is a gap, marked with an x at the top edge; a 0 on a log axis, a
+    triangle at the bottom edge); metrics logged with the same values (a
+    regression's loss and mse) share one, titled ``"loss = mse"``."""
     # A value that is not a number (a log line edited by hand, or another tool's) is
     # not plotted: it stopped a finished run with a traceback.
     # (NumPy's numbers are plotted; bools, true and false in the log, are not.)
@@ -107,6 +108,19 @@ def training_curves(records: list[dict], path: Path) -> Figure | None:
                 transform=ax.get_xaxis_transform(),  # y in axes units: the top edge
                 label="not finite",
             )
+        # val_mse: on the mse's scale; cg_residual: iMAML's, from 1e-9 to above 1.
+        log = key in ("loss", "mse", "val_mse", "grad_norm", "cg_residual")
+        log = log and any(r[key] > 0 for r in finite)  # a log axis of no positive value warns
+        off_axis = [r["step"] for r in finite if r[key] <= 0] if log else []
+        if off_axis:  # a log axis drops them: marked at the bottom edge
+            ax.plot(
+                off_axis,
+                np.full(len(off_axis), 0.03),
+                "v",
+                color="tab:gray",
+                transform=ax.get_xaxis_transform(),
+                label="0 (off the log axis)",
+            )
         if key.startswith("val_") and finite:  # the state in best_checkpoint/ (ties: the later)
             sign = 1 if key == "val_accuracy" else -1
             best = max(finite, key=lambda r: (sign * r[key], r["step"]))
@@ -116,9 +130,7 @@ def training_curves(records: list[dict], path: Path) -> Figure | None:
         ax.set_xlabel("meta-step")
         integer_x(ax)
         ax.set_title(" = ".join(names))
-        # val_mse: on the mse's scale; cg_residual: iMAML's, from 1e-9 to above 1.
-        log = key in ("loss", "mse", "val_mse", "grad_norm", "cg_residual")
-        if log and any(r[key] > 0 for r in finite):  # a log axis of no positive value warns
+        if log:
             _log_y(ax)
     fig.tight_layout()
     save(fig, path)

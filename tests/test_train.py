@@ -1001,6 +1001,11 @@ def test_the_cg_residual_is_plotted_on_a_log_axis(tmp_path):
     records = [{"step": s, "cg_residual": r} for s, r in [(1, 1.2), (2, 1e-3), (3, 1e-9)]]
     fig = plots.training_curves(records, tmp_path / "t.png")
     assert fig.axes[0].get_yscale() == "log"
+    # An exact 0 (every task's right-hand side 0) is no point on it: marked at the bottom.
+    records.append({"step": 4, "cg_residual": 0.0})
+    fig = plots.training_curves(records, tmp_path / "t.png")
+    marks = {line.get_label(): line.get_xdata().tolist() for line in fig.axes[0].get_lines()}
+    assert marks["0 (off the log axis)"] == [4]
     # No positive value (exactly solved, or diverged): linear, no warning.
     records = [{"step": 1, "loss": 0.0, "cg_residual": None}, {"step": 2, "loss": 0.0}]
     with warnings.catch_warnings():
