@@ -131,6 +131,7 @@ def adaptation_trajectory(
     *,
     inner_lr: float | jax.Array | PyTree,
     num_inner_steps: int,
+    proximal_lambda: float = 0.0,
 ) -> jax.Array:
     """``measure`` of the parameters after 0, 1, ..., ``num_inner_steps`` SGD steps.
 
@@ -143,15 +144,27 @@ def adaptation_trajectory(
         query metric.
       params, support, inner_lr: as for ``adapt``.
       num_inner_steps: static number of steps.
+      proximal_lambda: ``lam >= 0``: the steps descend ``loss_fn + lam / 2
+        ||p - params||^2``, iMAML's proximal inner loop
+        (``imaml.adapt_proximal``); 0 (the default): plain SGD.
 
     Returns:
       ``(num_inner_steps + 1, *S)``: row ``k`` is ``measure`` after ``k`` steps.
     """
     if num_inner_steps < 0:
         raise ValueError(f"num_inner_steps must be >= 0, got {num_inner_steps}")
+    inner_loss = loss_fn
+    if proximal_lambda:
+
+        def inner_loss(p, batch):
+            distance = sum(
+                jnp.vdot(a - b, a - b)
+                for a, b in zip(*map(jax.tree.leaves, (p, params)), strict=True)
+            )
+            return loss_fn(p, batch) + 0.5 * proximal_lambda * distance
 
     def step(p, _):
-        return sgd_step(loss_fn, p, support, inner_lr=inner_lr), measure(p)
+        return sgd_step(inner_loss, p, support, inner_lr=inner_lr), measure(p)
 
     adapted, before = jax.lax.scan(step, params, length=num_inner_steps)
     return jnp.concatenate([before, measure(adapted)[None]])

@@ -47,15 +47,18 @@ def evaluate(
     # Batch b of the tasks is drawn from fold_in(key, b): the batch size is part of
     # which tasks these are (the device count is not).
     batch_size = min(config.num_eval_tasks, config.get("eval_batch_size", 100))
+    inner_lr = config.get("eval_inner_lr", config.inner_lr)
+    proximal_lambda = config.get("eval_proximal_lambda", 0.0)
     results = {}
     for shots in config.eval_shots:
         task = _with_shots(exp.task, shots, config)
         curve = make_adaptation_curve(
             exp,
             task,
-            inner_lr=config.get("eval_inner_lr", config.inner_lr),
+            inner_lr=inner_lr,
             num_inner_steps=config.eval_inner_steps,
             batch_size=batch_size,
+            proximal_lambda=proximal_lambda,
         )
         values = curve(
             params,
@@ -69,6 +72,8 @@ def evaluate(
         "num_tasks": config.num_eval_tasks,
         "test_seed": seed,
         "test_batch_size": batch_size,
+        "inner_lr": inner_lr,
+        "proximal_lambda": proximal_lambda,
         "checkpoint": checkpoint,
         "checkpoint_step": step,
         "config_changes": changes,
@@ -124,4 +129,9 @@ def format_table(evaluation: dict) -> str:
                 f"(diverged) after {steps} step{'s' * (steps != 1)}, first after "
                 f"{r['inner_steps'][bad[0]]}; median then {r['median'][last]:.4g}"
             )
+    if evaluation.get("proximal_lambda"):
+        lines.append(
+            f"adapted by iMAML's proximal steps (lambda {evaluation['proximal_lambda']:g}), "
+            "not plain SGD"
+        )
     return "\n".join(lines)

@@ -64,6 +64,7 @@ def run_errors(
     *,
     inner_lr: float | PyTree,
     num_inner_steps: int,
+    proximal_lambda: float = 0.0,
 ) -> jax.Array:
     """Per-item errors of a batch of runs after 0..``num_inner_steps`` inner steps.
 
@@ -76,6 +77,7 @@ def run_errors(
         run's ``Q`` images are one batch through ``apply_fn``.
       inner_lr: a scalar or a per-leaf pytree, as for ``core.adapt``.
       num_inner_steps: the largest number of inner steps evaluated.
+      proximal_lambda: as for ``core.adaptation_trajectory`` (0: plain SGD).
 
     Returns:
       ``(num_inner_steps + 1, R, Q)`` float32, 1 where an item is misclassified.
@@ -86,7 +88,13 @@ def run_errors(
             return item_errors(apply_fn(p, query[0]), query[1])
 
         return core.adaptation_trajectory(
-            loss_fn, errors, params, support, inner_lr=inner_lr, num_inner_steps=num_inner_steps
+            loss_fn,
+            errors,
+            params,
+            support,
+            inner_lr=inner_lr,
+            num_inner_steps=num_inner_steps,
+            proximal_lambda=proximal_lambda,
         )
 
     return jax.vmap(one_run, out_axes=1)(support, query)
@@ -99,6 +107,7 @@ def evaluate_runs(
     *,
     inner_lr: float | PyTree,
     num_inner_steps: int,
+    proximal_lambda: float = 0.0,
 ) -> dict:
     """Evaluates ``params`` of a 20-way experiment on Lake et al.'s one-shot runs.
 
@@ -109,6 +118,7 @@ def evaluate_runs(
       runs: ``maml.tasks.omniglot.load_one_shot_runs(path)``.
       inner_lr: inner learning rate, a scalar or a per-leaf pytree.
       num_inner_steps: errors are reported after each of 0..``num_inner_steps`` steps.
+      proximal_lambda: as for ``core.adaptation_trajectory`` (0: plain SGD).
 
     Returns:
       ``{"inner_steps": [0..n], "error": [overall error rate per step],
@@ -134,6 +144,7 @@ def evaluate_runs(
             query,
             inner_lr=inner_lr,
             num_inner_steps=num_inner_steps,
+            proximal_lambda=proximal_lambda,
         )
 
     per_item = np.asarray(

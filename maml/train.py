@@ -294,6 +294,7 @@ def make_adaptation_curve(
     inner_lr: float,
     num_inner_steps: int,
     batch_size: int,
+    proximal_lambda: float = 0.0,
 ) -> Callable[..., np.ndarray]:
     """``curve(params, key, *, num_tasks, progress=None)``: the query metric of
     ``num_tasks`` fresh tasks after 0..``num_inner_steps`` SGD steps, compiled once
@@ -302,7 +303,9 @@ def make_adaptation_curve(
     Tasks are drawn ``batch_size`` at a time from ``task`` (batch ``b`` from
     ``fold_in(key, b)``) and adapted on their support sets at ``inner_lr``
     (``exp.inner_rates``: 0 for the leaves the config keeps out of the inner
-    loop). ``progress``, if given, labels a progress bar over the batches.
+    loop), by plain SGD or, with ``proximal_lambda`` > 0, iMAML's proximal steps
+    (``core.adaptation_trajectory``). ``progress``, if given, labels a progress bar
+    over the batches.
     ``curve`` returns a ``(num_inner_steps + 1, num_tasks)`` numpy array of
     ``task.metric``.
     """
@@ -330,6 +333,7 @@ def make_adaptation_curve(
                 support,
                 inner_lr=rates,
                 num_inner_steps=num_inner_steps,
+                proximal_lambda=proximal_lambda,
             )
 
         return jax.vmap(one_task, out_axes=1)(episode["support"], episode["query"])
@@ -611,6 +615,7 @@ RESUMABLE_CHANGES = frozenset(
         "eval_shots",
         "eval_inner_steps",
         "eval_inner_lr",
+        "eval_proximal_lambda",
         "eval_batch_size",
         "eval_num_query",
     }
@@ -955,6 +960,7 @@ def _train_and_evaluate(
             inner_lr=config.get("eval_inner_lr", config.inner_lr),
             num_inner_steps=config.get("eval_report_step", config.num_inner_steps),
             batch_size=min(config.num_val_tasks, config.get("eval_batch_size", 100)),
+            proximal_lambda=config.get("eval_proximal_lambda", 0.0),
         )
     if is_main:
         print(

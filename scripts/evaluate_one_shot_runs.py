@@ -80,12 +80,14 @@ def main(argv: list[str]) -> None:
             # With adapt_norm=False, the leaves training froze stay frozen.
             inner_lr=exp.inner_rates(config.eval_inner_lr),
             num_inner_steps=config.eval_inner_steps,
+            proximal_lambda=config.eval_proximal_lambda,
         )
     result = {
         "checkpoint": CHECKPOINT.value,
         "checkpoint_step": step,
         "split_protocol": config.get("split_protocol"),
         "inner_lr": config.eval_inner_lr,
+        "proximal_lambda": config.eval_proximal_lambda,
         "report_step": config.eval_report_step,
         "config_changes": changes,
         **result,

@@ -434,3 +434,33 @@ def test_negative_damping_is_refused(name):
     kwargs = dict(inner_lr=0.05, num_inner_steps=1, lam=1.0, num_cg_steps=2)
     with pytest.raises(ValueError, match=f"{name} must be >= 0"):
         imaml.imaml_loss_and_grad(loss_fn, params, support, query, **kwargs, **{name: -1.0})
+
+
+@pytest.mark.parametrize("frozen", [None, "bias"])
+def test_proximal_evaluation_takes_imamls_inner_steps(frozen):
+    # core.adaptation_trajectory with proximal_lambda (evaluate.py's
+    # eval_proximal_lambda) measures each of adapt_proximal's iterates, frozen leaves
+    # included; without it, plain SGD's (a different trajectory: the test can fail).
+    from maml import core
+
+    loss_fn, params, support, query = mlp_task(2)
+    inner_lr = frozen_bias_rates(params) if frozen else 0.05
+    kwargs = dict(inner_lr=inner_lr, num_inner_steps=4)
+
+    def query_loss(p):
+        return loss_fn(p, query)
+
+    trajectory = core.adaptation_trajectory(
+        loss_fn, query_loss, params, support, proximal_lambda=3.0, **kwargs
+    )
+    expected = [
+        query_loss(
+            imaml.adapt_proximal(
+                loss_fn, params, support, **{**kwargs, "num_inner_steps": n}, lam=3.0
+            )
+        )
+        for n in range(5)
+    ]
+    np.testing.assert_allclose(trajectory, expected, rtol=1e-12)
+    plain = core.adaptation_trajectory(loss_fn, query_loss, params, support, **kwargs)
+    assert np.abs(plain[-1] - trajectory[-1]) > 1e-4

@@ -127,6 +127,26 @@ def test_runs_are_adapted_at_the_inner_lr_given():
     assert adapted["error"] == [1.0, 0.0] and frozen["error"] == [1.0, 1.0]
 
 
+def test_runs_are_adapted_by_proximal_steps_when_asked(monkeypatch):
+    # eval_proximal_lambda reaches the inner loop (core.adaptation_trajectory's own
+    # test checks its steps against imaml.adapt_proximal's).
+    from maml import core
+
+    seen, trajectory = [], core.adaptation_trajectory
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("proximal_lambda", 0.0))
+        return trajectory(*args, **kwargs)
+
+    monkeypatch.setattr(core, "adaptation_trajectory", spy)
+    exp, runs, params = _pixel_reader(), _label_in_pixel_runs(), {"scale": jnp.array(0.0)}
+    one_shot_runs.evaluate_runs(exp, params, runs, inner_lr=0.1, num_inner_steps=1)
+    one_shot_runs.evaluate_runs(
+        exp, params, runs, inner_lr=0.1, num_inner_steps=1, proximal_lambda=2.0
+    )
+    assert seen == [0.0, 2.0]
+
+
 def test_each_runs_queries_are_one_batch():
     # A model that reads the label from pixel (0, 0) relative to its batch's mean,
     # like transductive BatchNorm: right only when a batch holds exactly one run's
@@ -378,6 +398,7 @@ def test_script_writes_json_and_warns_about_the_split(tmp_path, cache_dir, runs)
         "--config.conv_impl=lax",
         "--config.eval_inner_steps=1",
         "--config.eval_report_step=1",
+        "--config.eval_proximal_lambda=0.5",
         f"--workdir={tmp_path}",
         f"--runs={RUNS_ZIP}",
     )
@@ -388,6 +409,7 @@ def test_script_writes_json_and_warns_about_the_split(tmp_path, cache_dir, runs)
     saved = json.loads((tmp_path / "one_shot_runs.json").read_text())
     assert saved["checkpoint_step"] == 0 and saved["inner_steps"] == [0, 1]
     assert saved["report_step"] == 1 and saved["inner_lr"] == 0.1
+    assert saved["proximal_lambda"] == 0.5
     assert saved["config_changes"] == ["adapt_norm False -> True"]
     assert saved["num_items"] == 400 and len(saved["runs"]) == 20
     assert saved["published"] == one_shot_runs.PUBLISHED_ERROR

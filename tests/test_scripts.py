@@ -41,6 +41,7 @@ CONFIG = str(ROOT / "maml" / "configs" / "sinusoid.py")
         ("imaml_cg_damping", -1.0, "a finite number >= 0"),
         ("imaml_lam_damping", float("inf"), "a finite number >= 0"),
         ("imaml_lam_damping", False, "a finite number >= 0"),
+        ("eval_proximal_lambda", -0.5, "a finite number >= 0"),
         ("eval_every", -1000, "non-negative integer"),
         ("eval_report_step", -1, "non-negative integer"),
         ("algorithm", "reptile", "one of maml, fomaml, imaml, pretrain"),

@@ -577,6 +577,34 @@ def test_evaluate_writes_eval_json(tmp_path, capsys, monkeypatch):
     assert "K=5" in evaluate.format_table(result)
 
 
+def test_eval_proximal_lambda_adapts_by_imamls_steps(tmp_path, monkeypatch):
+    # Validation and evaluation both adapt by iMAML's proximal steps when asked, and
+    # eval.json and the table say so.
+    settings = dict(num_steps=50, checkpoint_every=50, eval_every=50, eval_inner_steps=3)
+    config = tiny(**settings)
+    make, seen = train.make_adaptation_curve, []
+
+    def spy(exp, task, **kwargs):
+        seen.append(kwargs["proximal_lambda"])
+        return make(exp, task, **kwargs)
+
+    monkeypatch.setattr(train, "make_adaptation_curve", spy)
+    monkeypatch.setattr(evaluate, "make_adaptation_curve", spy)
+    train.train_and_evaluate(tiny(**settings, eval_proximal_lambda=4.0), tmp_path)
+    assert seen == [4.0]  # the validation's
+    plain = evaluate.evaluate(config, tmp_path, write=False)
+    proximal = evaluate.evaluate(tiny(**settings, eval_proximal_lambda=4.0), tmp_path)
+    assert seen == [4.0, 0.0, 4.0]
+    assert (plain["proximal_lambda"], proximal["proximal_lambda"]) == (0.0, 4.0)
+    assert proximal["inner_lr"] == config.eval_inner_lr
+    assert proximal["config_changes"] == []  # an evaluation setting, not the run's
+    # Before adaptation the same; after it, other steps.
+    for a, b in zip(plain["results"].values(), proximal["results"].values(), strict=True):
+        assert a["mean"][0] == b["mean"][0] and a["mean"][-1] != b["mean"][-1]
+    assert "proximal steps (lambda 4)" in evaluate.format_table(proximal)
+    assert "proximal" not in evaluate.format_table(plain)
+
+
 def test_classification_is_evaluated_at_each_of_eval_shots():
     config = omniglot_configs.get_config("5way1shot,tiny")
     task = Omniglot(np.zeros((30, 20, 28, 28), np.uint8), num_ways=5, num_shots=1, num_query=1)

@@ -98,7 +98,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     )
     for name in ("inner_lr", "outer_lr", "eval_inner_lr", "imaml_lambda"):
         _check(config, name, _is_rate, "a finite positive number")
-    for name in ("imaml_cg_damping", "imaml_lam_damping"):
+    for name in ("imaml_cg_damping", "imaml_lam_damping", "eval_proximal_lambda"):
         _check(
             config,
             name,

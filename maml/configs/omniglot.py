@@ -96,6 +96,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.eval_inner_steps = 10
     c.eval_report_step = 3  # Finn's test-time inner steps
     c.eval_inner_lr = 0.4
+    # > 0: test-time adaptation is iMAML's proximal inner loop at this lambda; 0: plain SGD.
+    c.eval_proximal_lambda = 0.0
     c.eval_batch_size = 100
 
     parts = variant_parts(variant or "5way1shot", (SHAPES, ("fomaml", "imaml")))

@@ -58,6 +58,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.eval_shots = (5, 10, 20)
     c.eval_inner_steps = 10
     c.eval_inner_lr = 0.01
+    # > 0: test-time adaptation is iMAML's proximal inner loop at this lambda; 0: plain SGD.
+    c.eval_proximal_lambda = 0.0
     c.eval_num_query = 100
     c.eval_batch_size = 600
 
