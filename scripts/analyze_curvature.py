@@ -269,6 +269,12 @@ def print_summary(report: dict) -> None:
             f"    task {i}: lambda_max {t['lambda_max']:.4g}, {limit} {t['limit_lr']:.4g}, "
             f"ratio {t['ratio']:.3g} ({'stable' if t['stable'] else 'UNSTABLE'})"
         )
+    ratios = [t["ratio"] for t in report["per_task"]]
+    unstable = sum(not t["stable"] for t in report["per_task"])
+    print(
+        f"  per task: {unstable} of {len(ratios)} UNSTABLE at these parameters (ratio "
+        f"median {np.median(ratios):.3g}, max {max(ratios):.3g})"
+    )
     print(f"  total wall time {report['wall_s']:.1f} s")
 
 

@@ -185,6 +185,8 @@ def test_analyze_curvature_json(outputs):
     report = json.loads((out / "curvature.json").read_text())
     assert (out / "curvature.png").stat().st_size > 0
     assert "2/lambda_max" in stdout["curvature"]
+    unstable = sum(not t["stable"] for t in report["per_task"])
+    assert f"per task: {unstable} of 2 UNSTABLE" in stdout["curvature"]
     assert report["checkpoint"] == "latest" and report["step"] == 50
     assert report["num_adapted_params"] == report["num_params"] == 1761
     # Two functions, two spectra (a copy of one for the other would pass the checks below).
