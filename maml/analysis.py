@@ -320,7 +320,9 @@ def per_task_lambda_max(
     return jax.lax.map(one_task, (support, jax.random.split(key, num_tasks)))
 
 
-def sgd_stability(inner_lr: float, lambda_max: float, lam: float = 0.0) -> dict[str, float | bool]:
+def sgd_stability(
+    inner_lr: float, lambda_max: float, *, lam: float = 0.0
+) -> dict[str, float | bool]:
     """Gradient descent at ``inner_lr`` on a quadratic of top curvature ``lambda_max``.
 
     It converges along the top eigendirection iff ``inner_lr < 2 / lambda_max``

@@ -173,8 +173,10 @@ def analyze(
         "support_loss": support_result,
         "meta_loss": meta_result,
         "imaml_lambda": lam or None,
-        "stability": analysis.sgd_stability(config.inner_lr, support_result["eigenvalues"][0], lam),
-        "per_task": [analysis.sgd_stability(config.inner_lr, top, lam) for top in per_task],
+        "stability": analysis.sgd_stability(
+            config.inner_lr, support_result["eigenvalues"][0], lam=lam
+        ),
+        "per_task": [analysis.sgd_stability(config.inner_lr, top, lam=lam) for top in per_task],
         "per_task_wall_s": per_task_s,
     }
 
@@ -201,9 +203,9 @@ def plot(report: dict, path: Path) -> "Figure":
         grid, density = np.asarray(r["grid"]), np.asarray(r["density"])
         # The density has Gaussian tails that underflow; keep the log axis finite.
         ax.plot(grid, np.maximum(density, 1e-12), lw=1.2, label="spectral density (SLQ)")
-        for i, lam in enumerate(r["eigenvalues"]):
+        for i, eig in enumerate(r["eigenvalues"]):
             ax.axvline(
-                lam, color="C1", lw=0.8, ls="--", label="top eigenvalues" if i == 0 else None
+                eig, color="C1", lw=0.8, ls="--", label="top eigenvalues" if i == 0 else None
             )
         ax.axvline(limit, color="C3", lw=1.5, label=f"{limit_label} = {limit:.3g}")
         if name == "support_loss":

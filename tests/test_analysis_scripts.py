@@ -637,6 +637,47 @@ def test_sgd_stability_with_imamls_proximal_term():
     assert analysis.sgd_stability(0.5, -3.0, lam=5.0)["limit_lr"] == pytest.approx(1.0)
 
 
+def test_curvature_plot_and_summary_add_lambda_for_imaml_only(tmp_path, monkeypatch, capsys):
+    # The plot's loop over the top eigenvalues once rebound lam, the proximal strength:
+    # a MAML report's title then read "inner_lr * (lambda_max + lambda) / 2".
+    script = load_script("analyze_curvature", monkeypatch)
+    grid = np.linspace(-1.0, 300.0, 50)
+    spectrum = {
+        "grid": grid,
+        "density": np.exp(-(grid**2)),
+        "eigenvalues": [120.0, 10.0],
+        "value": 1.0,
+        "wall_s": 0.1,
+    }
+    for lam, title, limit, label in (
+        (None, "inner_lr * lambda_max / 2 = 0.6", 200.0, "2/lambda_max"),
+        (10.0, "inner_lr * (lambda_max + lambda) / 2 = 0.65", 190.0, "2/(lambda_max + 10)"),
+    ):
+        stability = analysis.sgd_stability(0.01, 120.0, lam=lam or 0.0)
+        report = {
+            "config_name": "c",
+            "num_params": 10,
+            "num_adapted_params": 10,
+            "step": 5,
+            "num_tasks": 1,
+            "lanczos_iters": 4,
+            "inner_lr": 0.01,
+            "num_inner_steps": 1,
+            "support_loss": spectrum,
+            "meta_loss": spectrum,
+            "imaml_lambda": lam,
+            "stability": stability,
+            "per_task": [stability],
+            "wall_s": 1.0,
+        }
+        fig = script.plot(report, tmp_path / "c.png")
+        assert fig.get_suptitle().endswith(title), fig.get_suptitle()
+        lines = [ln for ln in fig.axes[0].lines if ln.get_label().startswith("2 / inner_lr")]
+        assert len(lines) == 1 and lines[0].get_xdata()[0] == pytest.approx(limit)
+        script.print_summary(report)
+        assert f"vs {label} " in capsys.readouterr().out
+
+
 def test_sgd_stability_at_the_limit_and_at_zero_curvature():
     # inner_lr = 2 / lambda_max exactly: the top direction oscillates forever, not stable.
     at_limit = analysis.sgd_stability(0.2, 10.0)
