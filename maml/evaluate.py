@@ -1,5 +1,6 @@
 """Few-shot evaluation of a trained checkpoint: the metric on fresh test tasks
-after 0..``eval_inner_steps`` inner SGD steps, mean and 95% CI, per shot K.
+after 0..``eval_inner_steps`` inner steps (plain SGD, or iMAML's proximal steps
+where ``eval_proximal_lambda`` > 0), mean and 95% CI, per shot K.
 
 ``evaluate(config, workdir)`` is what ``scripts/evaluate.py`` calls; it writes
 ``workdir/eval.json`` and ``workdir/plots/eval.png`` (Finn et al.'s Figure 3),

@@ -185,7 +185,8 @@ def ci95_over_runs(per_run: np.ndarray) -> np.ndarray:
 
 
 def format_table(result: dict, *, report_step: int | None = None) -> str:
-    """The result of ``evaluate_runs`` as text: error per inner step, per run, and published."""
+    """The result of ``evaluate_runs`` as text: error per inner step, per run, and published
+    (and, where ``result`` records a ``proximal_lambda`` > 0, that the steps were iMAML's)."""
     lines = [
         f"Lake et al.'s one-shot runs: {result['num_runs']} runs x 20-way 1-shot, "
         f"{result['num_items']} test items",
@@ -200,4 +201,9 @@ def format_table(result: dict, *, report_step: int | None = None) -> str:
     lines.extend("  " + "  ".join(cells[i : i + 5]) for i in range(0, len(cells), 5))
     published = ", ".join(f"{k} {100 * v:.1f}%" for k, v in result["published"].items())
     lines.append(f"published ({result['published_source']}): {published}")
+    if result.get("proximal_lambda"):  # the script's result records it; evaluate_runs' lacks it
+        lines.append(
+            f"adapted by iMAML's proximal steps (lambda {result['proximal_lambda']:g}), "
+            "not plain SGD"
+        )
     return "\n".join(lines)

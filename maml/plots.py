@@ -141,7 +141,11 @@ def sinusoid_adaptation(
     exp: "Experiment", params: Any, key: jax.Array, path: Path, *, steps: tuple[int, ...] = (1, 10)
 ) -> Figure:
     """Finn et al.'s Figure 2: ground truth, the K support points, and the
-    prediction before adaptation and after 1 and 10 inner steps, on one task."""
+    prediction before adaptation and after 1 and 10 inner steps, on one task.
+
+    The steps are plain SGD at ``exp.inner_lr``, the training rate, as in Finn's
+    figure: the evaluation settings (``eval_inner_lr``, ``eval_proximal_lambda``)
+    play no part."""
     task = exp.task
     episode = task.sample(key, 1)
     support = jax.tree.map(lambda a: a[0], episode["support"])

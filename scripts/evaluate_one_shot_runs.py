@@ -5,7 +5,8 @@
 
 Adapts the latest checkpoint in --workdir (--checkpoint=best: the one with the
 best validation accuracy) on each run's 20 training images with the config's
-eval_inner_lr, for 0..eval_inner_steps steps, and writes
+eval_inner_lr, for 0..eval_inner_steps steps (plain SGD, or iMAML's proximal
+steps where eval_proximal_lambda > 0), and writes
 WORKDIR/one_shot_runs.json (one_shot_runs_best.json): error per run and
 overall, per step, beside the published error rates of people and Bayesian
 Program Learning; then prints a table. The runs use the evaluation alphabets,

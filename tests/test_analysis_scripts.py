@@ -678,6 +678,38 @@ def test_curvature_plot_and_summary_add_lambda_for_imaml_only(tmp_path, monkeypa
         assert f"vs {label} " in capsys.readouterr().out
 
 
+def test_curvature_summary_counts_the_unstable_tasks(monkeypatch, capsys):
+    # The line under the per-task lines: how many are past the limit, the median and
+    # largest ratio; a diverged estimate's NaN shows in both, wherever it stands.
+    script = load_script("analyze_curvature", monkeypatch)
+    spectrum = {"eigenvalues": [1.0], "value": 1.0, "wall_s": 0.1}
+    report = {
+        "config_name": "c",
+        "num_params": 10,
+        "num_adapted_params": 10,
+        "step": 5,
+        "num_tasks": 4,
+        "lanczos_iters": 4,
+        "support_loss": spectrum,
+        "meta_loss": spectrum,
+        "stability": analysis.sgd_stability(0.01, 1.0),
+        "wall_s": 1.0,
+    }
+    for tops, line in (
+        (
+            (100.0, 500.0, 400.0),
+            "per task: 2 of 3 UNSTABLE at these parameters (ratio median 2, max 2.5)",
+        ),
+        (
+            (100.0, 500.0, 400.0, math.inf),
+            "per task: 3 of 4 UNSTABLE at these parameters (ratio median nan, max nan)",
+        ),
+    ):
+        report["per_task"] = [analysis.sgd_stability(0.01, top) for top in tops]
+        script.print_summary(report)
+        assert f"  {line}\n" in capsys.readouterr().out
+
+
 def test_sgd_stability_at_the_limit_and_at_zero_curvature():
     # inner_lr = 2 / lambda_max exactly: the top direction oscillates forever, not stable.
     at_limit = analysis.sgd_stability(0.2, 10.0)

@@ -295,6 +295,11 @@ def test_table_shows_the_ci_and_each_run_at_the_report_step():
     table = one_shot_runs.format_table(result, report_step=1)
     assert "50.0% +-  3.0" in table and "25.0% +-  2.0  <- report step" in table
     assert "per run after 1 step" in table and "run01   30%" in table
+    # As evaluate.py's table: one adapted by iMAML's proximal steps says so.
+    assert "proximal" not in table
+    assert "proximal" not in one_shot_runs.format_table({**result, "proximal_lambda": 0.0})
+    proximal = one_shot_runs.format_table({**result, "proximal_lambda": 2.5})
+    assert proximal.endswith("adapted by iMAML's proximal steps (lambda 2.5), not plain SGD")
 
 
 def test_inner_rates_keep_frozen_leaves_frozen():
@@ -396,9 +401,9 @@ def test_script_writes_json_and_warns_about_the_split(tmp_path, cache_dir, runs)
         f"--config.data_dir={TFDS_DIR}",
         f"--config.cache_dir={cache_dir}",
         "--config.conv_impl=lax",
-        "--config.eval_inner_steps=1",
+        "--config.eval_inner_steps=2",  # the first proximal step is plain SGD's
         "--config.eval_report_step=1",
-        "--config.eval_proximal_lambda=0.5",
+        "--config.eval_proximal_lambda=20",
         f"--workdir={tmp_path}",
         f"--runs={RUNS_ZIP}",
     )
@@ -406,10 +411,20 @@ def test_script_writes_json_and_warns_about_the_split(tmp_path, cache_dir, runs)
     assert "warning: config.split_protocol='finn'" in result.stderr
     assert "warning: evaluating with settings other than" in result.stderr
     assert "people 4.5%" in result.stdout and "Bayesian Program Learning 3.3%" in result.stdout
+    assert result.stdout.rstrip().endswith("proximal steps (lambda 20), not plain SGD")
     saved = json.loads((tmp_path / "one_shot_runs.json").read_text())
-    assert saved["checkpoint_step"] == 0 and saved["inner_steps"] == [0, 1]
+    assert saved["checkpoint_step"] == 0 and saved["inner_steps"] == [0, 1, 2]
     assert saved["report_step"] == 1 and saved["inner_lr"] == 0.1
-    assert saved["proximal_lambda"] == 0.5
+    assert saved["proximal_lambda"] == 20
+    # The errors are the proximal steps' (recording the lambda alone passed with plain SGD).
+    params = train.init_state(exp).params  # the checkpoint's
+    proximal, plain = (
+        one_shot_runs.evaluate_runs(
+            exp, params, runs, inner_lr=0.1, num_inner_steps=2, proximal_lambda=lam
+        )["error"]
+        for lam in (20.0, 0.0)
+    )
+    assert saved["error"] == pytest.approx(proximal) and proximal[2] != plain[2]
     assert saved["config_changes"] == ["adapt_norm False -> True"]
     assert saved["num_items"] == 400 and len(saved["runs"]) == 20
     assert saved["published"] == one_shot_runs.PUBLISHED_ERROR

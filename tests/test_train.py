@@ -352,6 +352,7 @@ def test_config_changes_lets_through_how_long_how_often_where_and_evaluation(tmp
     (tmp_path / "config.json").write_text(tiny().to_json_best_effort())
     resumable = dict(num_steps=9, log_every=10, checkpoint_every=10, eval_every=50)
     resumable.update(num_val_tasks=7, remat=True, num_eval_tasks=9, eval_inner_steps=3)
+    resumable.update(eval_inner_lr=0.02, eval_proximal_lambda=2.0)
     for field, value in resumable.items():
         assert train.config_changes(tmp_path, tiny(**{field: value})) == [], field
     trains = dict(num_inner_steps=2, inner_lr=0.02, algorithm="fomaml", outer_lr=0.1)
@@ -569,6 +570,7 @@ def test_evaluate_writes_eval_json(tmp_path, capsys, monkeypatch):
     assert on_disk == result
     assert result["config_changes"] == []  # evaluation settings only
     assert result["metric"] == "mse" and result["num_tasks"] == config.num_eval_tasks
+    assert (result["inner_lr"], result["proximal_lambda"]) == (0.02, 0.0)  # not inner_lr's
     assert set(result["results"]) == {"5", "10"}
     for r in result["results"].values():
         assert r["inner_steps"] == [0, 1, 2]
@@ -1030,16 +1032,21 @@ def test_the_cg_residual_is_plotted_on_a_log_axis(tmp_path):
     fig = plots.training_curves(records, tmp_path / "t.png")
     assert fig.axes[0].get_yscale() == "log"
     # An exact 0 (every task's right-hand side 0) is no point on it: marked at the bottom.
-    records.append({"step": 4, "cg_residual": 0.0})
+    # A negative one (a log line from another tool) is no point on it either.
+    records += [{"step": 4, "cg_residual": 0.0}, {"step": 5, "cg_residual": -1e-3}]
     fig = plots.training_curves(records, tmp_path / "t.png")
-    marks = {line.get_label(): line.get_xdata().tolist() for line in fig.axes[0].get_lines()}
-    assert marks["0 (off the log axis)"] == [4]
-    # No positive value (exactly solved, or diverged): linear, no warning.
+    marks = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert marks["0 (off the log axis)"].get_xdata().tolist() == [4, 5]
+    assert all(y < 0.5 for y in marks["0 (off the log axis)"].get_ydata())  # axes units
+    # No positive value (exactly solved, or diverged): linear, no warning, and a 0 is
+    # a point on it, not a mark.
     records = [{"step": 1, "loss": 0.0, "cg_residual": None}, {"step": 2, "loss": 0.0}]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fig = plots.training_curves(records, tmp_path / "t.png")
     assert [ax.get_yscale() for ax in fig.axes] == ["linear", "linear"]
+    labels = [line.get_label() for ax in fig.axes for line in ax.get_lines()]
+    assert "0 (off the log axis)" not in labels
 
 
 def test_log_values_that_are_not_numbers_are_not_plotted(tmp_path):
